@@ -1,0 +1,108 @@
+"""The contracts between the engine and the algorithms: interfaces only.
+
+An algorithm (in ``algos/``) builds its networks from an :class:`EnvSpec`, names the data it needs
+(:class:`TransitionData`), selects actions with :meth:`Algorithm.act` and learns from a
+:class:`TransitionBatch` in :meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
+replay: the engine owns those and hands it tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What an algorithm may know of an environment."""
+
+    env_id: str
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype  # as stored in replay: uint8 frames stay uint8, float64 becomes float32
+    action_kind: Literal["discrete", "continuous"]
+    num_actions: int  # discrete: number of actions; continuous: 0
+    action_shape: tuple[int, ...]  # discrete: (); continuous: (action_dim,)
+    action_low: np.ndarray | None = None  # continuous only
+    action_high: np.ndarray | None = None
+    max_episode_steps: int | None = None
+
+    @property
+    def action_dtype(self) -> np.dtype:
+        return np.dtype(np.int64 if self.action_kind == "discrete" else np.float32)
+
+
+@dataclass(frozen=True)
+class TransitionData:
+    """Off-policy data an algorithm asks for: n-step transitions discounted by ``gamma``."""
+
+    n_step: int
+    gamma: float
+
+
+@dataclass
+class TransitionBatch:
+    """A sampled batch of n-step transitions, as tensors on the learner's device.
+
+    ``rewards`` holds the discounted n-step return and ``discounts`` the factor on the bootstrap
+    value: ``gamma**k`` after k steps, 0 when the episode *terminated* within them (a truncated
+    episode still bootstraps from its final observation).
+    """
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    discounts: torch.Tensor
+    next_obs: torch.Tensor
+    weights: torch.Tensor  # importance weights (all ones for uniform replay)
+
+
+Metrics = dict[str, float]
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """What the engine needs of an algorithm. Implementations register under the
+    ``asyncrl.algorithms`` entry-point group (see ``pyproject.toml``)."""
+
+    Config: ClassVar[type[BaseModel]]  # its hyperparameters; validated from the ``[algo]`` table
+
+    def __init__(self, spec: EnvSpec, config: BaseModel, device: torch.device) -> None: ...
+
+    @property
+    def data(self) -> TransitionData: ...
+
+    @property
+    def acting_network(self) -> torch.nn.Module:
+        """The learner-side module whose parameters are broadcast to actors."""
+        ...
+
+    def make_acting_network(self) -> torch.nn.Module:
+        """A fresh CPU module with the acting network's structure, for an actor to load weights into."""
+        ...
+
+    def act(
+        self,
+        network: torch.nn.Module,
+        obs: torch.Tensor,
+        env_steps: int,
+        rng: np.random.Generator,
+        greedy: bool = False,
+    ) -> np.ndarray:
+        """Actions for a batch of observations, with exploration unless ``greedy``.
+        ``env_steps`` drives exploration schedules; ``rng`` is the actor's own generator."""
+        ...
+
+    def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor | None]:
+        """One gradient step. Returns metrics (keys without prefix, e.g. ``td_loss``) and the new
+        priorities of the batch's items, or None when the algorithm does not use priorities."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume learning (networks, targets, optimizer, counters)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
