@@ -60,7 +60,9 @@ class TransitionBatch:
     weights: torch.Tensor  # importance weights (all ones for uniform replay)
 
 
-Metrics = dict[str, float]
+# Scalars; 0-dim tensors are welcome (the engine converts them only when it logs, sparing a
+# device sync per update).
+Metrics = dict[str, "float | torch.Tensor"]
 
 
 @runtime_checkable
@@ -69,6 +71,7 @@ class Algorithm(Protocol):
     ``asyncrl.algorithms`` entry-point group (see ``pyproject.toml``)."""
 
     Config: ClassVar[type[BaseModel]]  # its hyperparameters; validated from the ``[algo]`` table
+    preset: ClassVar[dict[str, Any]]  # the run config ``python -m asyncrl run NAME`` starts from
 
     def __init__(self, spec: EnvSpec, config: BaseModel, device: torch.device) -> None: ...
 

@@ -1,0 +1,198 @@
+"""DQN with the usual improvements: double Q, a dueling head, n-step returns, prioritised replay
+(through the engine), a hard or Polyak target network, an epsilon schedule, Huber loss and
+gradient-norm clipping. An MLP torso for vectors, the Nature CNN for Atari frames."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
+
+
+class DQNConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon (larger than torch's default, as in Rainbow).")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    n_step: int = Field(3, ge=1, description="Steps summed before bootstrapping.")
+    double: bool = Field(True, description="Double Q: the online net picks the bootstrap action.")
+    dueling: bool = Field(True, description="Dueling head: value plus mean-centred advantages.")
+    hidden: list[int] = Field([128, 128], description="MLP torso widths (vector observations).")
+    target_update_period: int = Field(100, ge=1, description="Updates between target-network updates.")
+    tau: float = Field(1.0, gt=0, le=1, description="Target update weight: 1 is a hard copy, <1 Polyak.")
+    eps_start: float = Field(1.0, ge=0, le=1, description="Exploration epsilon at the start.")
+    eps_end: float = Field(0.05, ge=0, le=1, description="Exploration epsilon after the decay.")
+    eps_decay_steps: int = Field(10_000, ge=1, description="Env steps over which epsilon decays linearly.")
+    huber_delta: float = Field(1.0, gt=0, description="Huber loss threshold on the TD error.")
+    max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
+
+    @model_validator(mode="after")
+    def _widths(self) -> DQNConfig:
+        if not self.hidden or any(w < 1 for w in self.hidden):
+            raise ValueError("hidden must list positive layer widths")
+        return self
+
+
+# --- networks ---------------------------------------------------------------------------------
+
+
+class NatureCNN(nn.Module):
+    """The DQN paper's torso; takes uint8 frames and scales them on the device."""
+
+    def __init__(self, in_channels: int, out_features: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(out_features), nn.ReLU(),
+        )
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float() / 255.0)
+
+
+def mlp(in_features: int, hidden: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return nn.Sequential(*layers)
+
+
+class QNetwork(nn.Module):
+    def __init__(self, spec: EnvSpec, hidden: list[int], dueling: bool):
+        super().__init__()
+        self.pixels = len(spec.obs_shape) == 3
+        if self.pixels:
+            self.torso: nn.Module = NatureCNN(spec.obs_shape[0])
+            features = self.torso.out_features
+        else:
+            self.torso = mlp(int(np.prod(spec.obs_shape)), hidden)
+            features = hidden[-1]
+        self.dueling = dueling
+        self.advantage = nn.Linear(features, spec.num_actions)
+        self.value = nn.Linear(features, 1) if dueling else None
+        # Materialise LazyLinear now so parameter counts (the weight store's size) are fixed.
+        with torch.no_grad():
+            self(torch.from_numpy(np.zeros((1, *spec.obs_shape), spec.obs_dtype)))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        features = self.torso(obs if self.pixels else obs.float().flatten(1))
+        advantage = self.advantage(features)
+        if self.value is None:
+            return advantage
+        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
+
+
+# --- the algorithm ----------------------------------------------------------------------------
+
+
+class DQN:
+    Config: ClassVar[type[BaseModel]] = DQNConfig
+    # A built-in default that trains at once: CartPole-v1, solved within 100k env steps.
+    preset: ClassVar[dict[str, Any]] = {
+        "algo": {"name": "dqn"},
+        "env": {"id": "CartPole-v1", "num_envs": 8},
+        "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 8.0},
+        "learner": {"batch_size": 64},
+        "train": {"total_env_steps": 100_000, "eval_every": 10_000, "eval_episodes": 20},
+    }
+
+    def __init__(self, spec: EnvSpec, config: DQNConfig, device: torch.device):
+        if spec.action_kind != "discrete":
+            raise ValueError(f"DQN needs discrete actions; {spec.env_id} has continuous ones")
+        self.spec, self.config, self.device = spec, config, device
+        self.q = QNetwork(spec, config.hidden, config.dueling).to(device)
+        self.target_q = QNetwork(spec, config.hidden, config.dueling).to(device)
+        self.target_q.load_state_dict(self.q.state_dict())
+        self.target_q.requires_grad_(False)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=config.lr, eps=config.adam_eps, fused=fused)
+        self.updates = 0
+
+    @property
+    def data(self) -> TransitionData:
+        return TransitionData(n_step=self.config.n_step, gamma=self.config.gamma)
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.q
+
+    def make_acting_network(self) -> nn.Module:
+        return QNetwork(self.spec, self.config.hidden, self.config.dueling)
+
+    def epsilon(self, env_steps: int) -> float:
+        c = self.config
+        frac = min(1.0, env_steps / c.eps_decay_steps)
+        return c.eps_start + frac * (c.eps_end - c.eps_start)
+
+    @torch.no_grad()
+    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int,
+            rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
+        actions = network(obs).argmax(dim=1).cpu().numpy()
+        if not greedy:
+            explore = rng.random(len(actions)) < self.epsilon(env_steps)
+            actions = np.where(explore, rng.integers(self.spec.num_actions, size=len(actions)), actions)
+        return actions
+
+    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+        q_all = self.q(batch.obs)
+        q = q_all.gather(1, batch.actions.long().unsqueeze(1)).squeeze(1)
+        with torch.no_grad():
+            next_target = self.target_q(batch.next_obs)
+            if self.config.double:
+                next_action = self.q(batch.next_obs).argmax(dim=1, keepdim=True)
+            else:
+                next_action = next_target.argmax(dim=1, keepdim=True)
+            bootstrap = next_target.gather(1, next_action).squeeze(1)
+            target = batch.rewards + batch.discounts * bootstrap
+        td_error = target - q
+        per_item = F.huber_loss(q, target, reduction="none", delta=self.config.huber_delta)
+        loss = (batch.weights * per_item).mean()
+        metrics = {"td_loss": loss.detach(), "q_values": q.detach().mean()}
+        return loss, metrics, td_error.detach().abs()
+
+    def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
+        loss, metrics, priorities = self.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.config.target_update_period == 0:
+            self._update_target()
+        metrics["grad_norm"] = grad_norm
+        return metrics, priorities
+
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        tau = self.config.tau
+        if tau >= 1.0:
+            self.target_q.load_state_dict(self.q.state_dict())
+            return
+        for target, online in zip(self.target_q.parameters(), self.q.parameters()):
+            target.lerp_(online, tau)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "q": self.q.state_dict(),
+            "target_q": self.target_q.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q.load_state_dict(state["q"])
+        self.target_q.load_state_dict(state["target_q"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])

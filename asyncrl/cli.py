@@ -1,0 +1,148 @@
+"""``python -m asyncrl``: run, list. Bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from asyncrl import registry
+from asyncrl.checkpoint import CheckpointError
+from asyncrl.config import Config, ConfigError, build_config, deep_merge, parse_override, read_file, validate
+from asyncrl.envs import EnvError
+
+log = logging.getLogger("asyncrl")
+USAGE_ERRORS = (ConfigError, EnvError, CheckpointError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m asyncrl", description="A fast single-node RL trainer.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="train an algorithm (default: DQN on CartPole-v1)")
+    run.add_argument("algo", nargs="?", help="algorithm name (python -m asyncrl list)")
+    run.add_argument("--env", help="env id, e.g. CartPole-v1, Pong-v5")
+    run.add_argument("--config", help="a TOML config file (see configs/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value, e.g. --set learner.batch_size=128")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--run-dir", help="where to write (default runs/<algo>-<env>-<time>)")
+    run.add_argument("--no-live", action="store_true", help="no live view; log lines only")
+    sub.add_parser("list", help="algorithms and shipped configs")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise CheckpointError(f"{args.resume} is not a run directory (no config.json)")
+        data = read_file(saved)
+        for item in args.set:
+            data = deep_merge(data, parse_override(item))
+        return validate(data)
+    file_data = read_file(args.config) if args.config else {}
+    name = args.algo or file_data.get("algo", {}).get("name") or "dqn"
+    cls = registry.get(name)
+    config = build_config(getattr(cls, "preset", {}), args.config, args.env, args.set, algo=name)
+    registry.algo_config(cls, config.algo.params)  # hyperparameter errors now, before any env starts
+    return config
+
+
+async def _run(args: argparse.Namespace, config: Config, console: Console) -> dict:
+    from asyncrl.live import LiveView
+    from asyncrl.trainer import Trainer
+
+    trainer = Trainer(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.warning("%s: stopping after a final checkpoint (again to abort now)",
+                        signal.Signals(signum).name)
+            trainer.stop()
+        else:
+            main_task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    show_live = config.train.live and not args.no_live and console.is_terminal
+    async with asyncio.TaskGroup() as tg:
+        run_task = tg.create_task(trainer.run())
+        if show_live:
+            view_task = tg.create_task(LiveView(trainer, console).run())
+            await asyncio.wait([run_task])
+            view_task.cancel()
+    return run_task.result()
+
+
+def _install_loop_factory():
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "list":
+            return _list(console)
+        config = resolve_config(args)
+        with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
+            result = runner.run(_run(args, config, console))
+    except USAGE_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+    except Exception as exc:  # a failure inside the run: one line here, the traceback in a file
+        inner = exc
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, USAGE_ERRORS):
+            console.print(f"[red]error:[/red] {inner}", highlight=False, soft_wrap=True)
+            return 2
+        crash = Path("asyncrl-crash.log").resolve()
+        crash.write_text("".join(traceback.format_exception(exc)))
+        console.print(f"[red]error:[/red] {type(inner).__name__}: {inner} (traceback in {crash})",
+                      highlight=False, soft_wrap=True)
+        return 1
+    ev = result.get("eval", {})
+    summary = {"run_dir": result["run_dir"], "env_steps": result["env_steps"],
+               "wall_s": round(result["wall_s"], 1), "eval_return_mean": ev.get("eval/return_mean")}
+    print(json.dumps(summary))
+    return 0
+
+
+def _list(console: Console) -> int:
+    console.print("[bold]algorithms[/bold]: " + ", ".join(registry.names()))
+    configs = sorted(Path("configs").glob("*.toml")) if Path("configs").is_dir() else []
+    if configs:
+        console.print("[bold]configs[/bold]: " + ", ".join(str(p) for p in configs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

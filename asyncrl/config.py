@@ -1,0 +1,239 @@
+"""Run configuration: frozen pydantic models, TOML files and dotted ``--set`` overrides.
+
+Where a value comes from is always one of: the algorithm's built-in preset, a TOML file, ``--env``,
+or ``--set key=value``, applied in that order. The resolved config is written to the run directory
+(``config.json``) and reloaded on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config the user gave is invalid; the message is one line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EnvConfig(_Section):
+    id: str = Field("CartPole-v1", description="EnvPool id (or any Gymnasium id EnvPool lacks).")
+    num_envs: int = Field(8, ge=1, description="Environments per actor.")
+    batch_size: int | None = Field(
+        None, ge=1,
+        description="Envs an actor steps per batch; fewer than num_envs is EnvPool's async mode. "
+        "None: all of them (sync mode).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for envpool.make / gymnasium.make.")
+    eval_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of kwargs for evaluation envs (e.g. raw rewards, no life loss).")
+
+    @property
+    def actor_batch(self) -> int:
+        return self.batch_size or self.num_envs
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> EnvConfig:
+        if self.batch_size is not None and self.batch_size > self.num_envs:
+            raise ValueError(f"batch_size ({self.batch_size}) must not exceed num_envs ({self.num_envs})")
+        return self
+
+
+class ActorsConfig(_Section):
+    num_actors: int = Field(1, ge=1, description="Actor tasks, each driving its own env pool.")
+    pull_every: int = Field(
+        1, ge=1, description="Actor batches between checks for new weights in the weight store.")
+
+
+class ReplayConfig(_Section):
+    capacity: int = Field(100_000, ge=1, description="Transitions held (a preallocated ring).")
+    prioritized: bool = Field(False, description="Prioritised sampling on a sum-tree.")
+    priority_exponent: float = Field(0.6, ge=0, description="alpha: how much priorities count.")
+    importance_exponent: float = Field(
+        0.4, ge=0, le=1, description="beta at the start; annealed linearly to 1 over the run.")
+    min_size_to_sample: int = Field(1000, ge=1, description="Inserts before the learner may sample.")
+    samples_per_insert: float = Field(
+        8.0, gt=0, description="Sampled items per inserted one (batch 32, 8 = an update per 4 steps).")
+    error_buffer: float | None = Field(
+        None, ge=0,
+        description="Slack of the samples-per-insert ratio, in samples. None: ten actor batches' "
+        "worth, at least two learner batches.")
+
+
+class LearnerConfig(_Section):
+    batch_size: int = Field(32, ge=1, description="Transitions per update.")
+    publish_every: int = Field(1, ge=1, description="Updates between weight publications.")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'.")
+    torch_threads: int = Field(
+        1, ge=1,
+        description="torch intra-op threads. One is fastest for small networks on few cores "
+        "(see BENCHMARKS.md); raise it for large CPU networks.")
+    max_updates_per_call: int = Field(
+        8, ge=1, description="Updates run per hand-off to the learner thread, when the limiter allows.")
+
+    @model_validator(mode="after")
+    def _device_known(self) -> LearnerConfig:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        return self
+
+
+class TrainConfig(_Section):
+    seed: int = Field(0, description="Seeds envs, networks and exploration.")
+    total_env_steps: int = Field(100_000, ge=1, description="The run stops after this many env steps.")
+    mode: Literal["async", "serial"] = Field(
+        "async",
+        description="async: actors, learner and evaluation run concurrently (fast). serial: the same "
+        "components in one task, deterministic for a seed (debugging, exact reproduction).")
+    eval_every: int = Field(10_000, ge=1, description="Env steps between greedy evaluations.")
+    eval_episodes: int = Field(20, ge=1, description="Episodes per evaluation (one per eval env).")
+    target_return: float | None = Field(
+        None, description="Stop early once an evaluation's mean return reaches this.")
+    log_every: int = Field(2_000, ge=1, description="Env steps between rows of metrics.jsonl.")
+    checkpoint_every: int = Field(25_000, ge=1, description="Env steps between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
+    run_dir: str | None = Field(None, description="Where the run writes; None: runs/<algo>-<env>-<time>.")
+    live: bool = Field(True, description="Show the live terminal view (CLI only).")
+    tensorboard: bool = Field(True, description="Also write TensorBoard scalars when tensorboard is installed.")
+
+
+class AlgoSection(BaseModel):
+    """``name`` picks the algorithm; every other key is one of its hyperparameters, validated by
+    the algorithm's own config model."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str = Field("dqn", description="Registered algorithm name (python -m asyncrl list).")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(_Section):
+    algo: AlgoSection = Field(default_factory=AlgoSection)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def num_streams(self) -> int:
+        return self.actors.num_actors * self.env.num_envs
+
+    @property
+    def error_buffer(self) -> float:
+        if self.replay.error_buffer is not None:
+            return self.replay.error_buffer
+        per_batch = self.env.actor_batch * self.replay.samples_per_insert
+        return max(10 * per_batch, 2 * self.learner.batch_size)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.train.mode == "serial" and self.env.batch_size not in (None, self.env.num_envs):
+            raise ValueError("serial mode steps all envs together: leave env.batch_size unset")
+        if self.replay.min_size_to_sample > self.replay.capacity:
+            raise ValueError(
+                f"replay.min_size_to_sample ({self.replay.min_size_to_sample}) exceeds "
+                f"replay.capacity ({self.replay.capacity})")
+        if self.replay.capacity // self.num_streams < 16:
+            raise ValueError(
+                f"replay.capacity ({self.replay.capacity}) is too small for {self.num_streams} envs")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --- building a config from its sources -------------------------------------------------------
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``; the value is read as TOML (numbers,
+    booleans, lists, quoted strings), and as a plain string when it is not valid TOML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects key=value with a dotted key, got {item!r}")
+    try:
+        value: Any = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+    if path.suffix in (".json",):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming the first bad field and why (pydantic's own wording)."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"] if p != "__root__") or "config"
+    if prefix:
+        where = f"{prefix}.{where}" if where != "config" else prefix
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+    more = len(exc.errors()) - 1
+    return f"invalid config: {where}: {msg}{shown}" + (f" (and {more} more)" if more else "")
+
+
+def build_config(
+    preset: dict[str, Any] | None = None,
+    file: str | Path | None = None,
+    env_id: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    algo: str | None = None,
+) -> Config:
+    """Merge the sources in order (preset, file, --env, --set) and validate."""
+    data: dict[str, Any] = dict(preset or {})
+    if file is not None:
+        data = deep_merge(data, read_file(file))
+    if algo is not None:
+        data = deep_merge(data, {"algo": {"name": algo}})
+    if env_id is not None:
+        data = deep_merge(data, {"env": {"id": env_id}})
+    for item in overrides:
+        data = deep_merge(data, parse_override(item))
+    return validate(data)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None

@@ -1,0 +1,112 @@
+"""The learner: sample under the rate limiter, move the batch to the device, update in a worker
+thread (acting goes on meanwhile), apply priorities, publish weights."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from asyncrl.core import Algorithm, TransitionBatch
+from asyncrl.metrics import Recorder
+from asyncrl.ratelimit import LimiterStopped, RateLimiter
+from asyncrl.replay import Replay
+from asyncrl.weights import WeightStore
+
+_FIELDS = ("obs", "actions", "rewards", "discounts", "next_obs", "weights")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"learner.device is {name!r} but CUDA is not available here")
+    return torch.device(name)
+
+
+class Learner:
+    def __init__(self, algo: Algorithm, replay: Replay, limiter: RateLimiter, store: WeightStore,
+                 recorder: Recorder, device: torch.device, batch_size: int, publish_every: int,
+                 max_updates_per_call: int, importance_exponent: Callable[[], float]):
+        self.algo, self.replay, self.limiter, self.store = algo, replay, limiter, store
+        self.recorder, self.device, self.batch_size = recorder, device, batch_size
+        self.publish_every, self.max_updates_per_call = publish_every, max_updates_per_call
+        self.importance_exponent = importance_exponent
+        self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
+        self._pin = device.type == "cuda"
+        self._executor: ThreadPoolExecutor | None = None
+
+    def sample(self) -> tuple[TransitionBatch, np.ndarray]:
+        timer = self.recorder.timer
+        t0 = time.perf_counter()
+        data = self.replay.sample(self.batch_size, self.importance_exponent())
+        t1 = time.perf_counter()
+        tensors = {}
+        for name in _FIELDS:
+            tensor = torch.from_numpy(data[name])
+            if self._pin:
+                tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            elif tensor.device != self.device:
+                tensor = tensor.to(self.device)
+            tensors[name] = tensor
+        timer.add("sample", t1 - t0)
+        timer.add("h2d", time.perf_counter() - t1)
+        return TransitionBatch(**tensors), data["keys"]
+
+    def _update(self, batches: list[TransitionBatch]) -> list[np.ndarray | None]:
+        """Runs on the learner thread (or inline in serial mode)."""
+        t0 = time.perf_counter()
+        priorities = []
+        for batch in batches:
+            metrics, prio = self.algo.update(batch)
+            priorities.append(None if prio is None else prio.float().cpu().numpy())
+            self.recorder.losses = metrics
+        t1 = time.perf_counter()
+        self.recorder.timer.add("update", t1 - t0)
+        updates = self.recorder.updates + len(batches)
+        if updates // self.publish_every > self.recorder.updates // self.publish_every:
+            self.store.publish(self.algo.acting_network)
+            self.recorder.timer.add("publish", time.perf_counter() - t1)
+        return priorities
+
+    def _finish(self, keys: list[np.ndarray], priorities: list[np.ndarray | None]) -> None:
+        for k, p in zip(keys, priorities):
+            if p is not None:
+                self.replay.update_priorities(k, p)
+        self.recorder.updates += len(keys)
+
+    def step(self) -> None:
+        """One update inline (serial mode); the caller has the limiter's permission."""
+        batch, keys = self.sample()
+        self._finish([keys], self._update([batch]))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
+        try:
+            while True:
+                t0 = time.perf_counter()
+                await self.limiter.await_sample(self.batch_size)
+                self.recorder.timer.add("sample_wait", time.perf_counter() - t0)
+                # Take as many updates as the limiter allows now, up to a cap: one thread
+                # hand-off per chunk instead of one per update.
+                count = 1
+                while count < self.max_updates_per_call and self.limiter.try_sample(self.batch_size):
+                    count += 1
+                drawn = [self.sample() for _ in range(count)]
+                async with self.lock:
+                    future = loop.run_in_executor(self._executor, self._update, [b for b, _ in drawn])
+                    try:
+                        priorities = await asyncio.shield(future)
+                    except asyncio.CancelledError:
+                        await asyncio.wait([future])  # never leave an update running on its own
+                        raise
+                self._finish([k for _, k in drawn], priorities)
+        except LimiterStopped:
+            return
+        finally:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,175 @@
+"""Counters, rates and sinks. One x-axis: env steps. Every row carries ``env_steps`` and ``wall_s``
+(seconds since the run started, resumed time included) and keys under fixed prefixes:
+``charts/``, ``eval/``, ``losses/``, ``perf/``, ``queues/``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+log = logging.getLogger("asyncrl")
+
+
+class Sink(Protocol):
+    def write(self, row: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class PhaseTimer:
+    """Accumulates seconds per named phase (env wait, inference, update, ...); the recorder turns
+    them into ``perf/`` time shares of wall time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def drain(self) -> dict[str, float]:
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+class Recorder:
+    """Holds the run's counters and the latest values; writes a row every ``log_every`` env steps
+    (so serial runs log identical rows for a seed) and feeds the live view."""
+
+    def __init__(self, log_every: int, sinks: list[Sink], wall_offset: float = 0.0,
+                 env_steps: int = 0, updates: int = 0, episodes: int = 0):
+        self.log_every = log_every
+        self.sinks = sinks
+        self.env_steps, self.updates, self.episodes = env_steps, updates, episodes
+        self.returns: deque[float] = deque(maxlen=100)
+        self.lengths: deque[int] = deque(maxlen=100)
+        self.losses: dict[str, Any] = {}
+        self.queues: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.timer = PhaseTimer()
+        self.queue_probe: Callable[[], dict[str, float]] = dict
+        self._wall_offset = wall_offset
+        self._start = time.perf_counter()
+        self._next_log = (env_steps // log_every + 1) * log_every
+        self._last = (time.perf_counter(), env_steps, updates)
+        self.listeners: list[Callable[[dict[str, float]], None]] = []
+
+    @property
+    def wall_s(self) -> float:
+        return self._wall_offset + time.perf_counter() - self._start
+
+    def episode_done(self, returns: list[float], lengths: list[int]) -> None:
+        self.returns.extend(returns)
+        self.lengths.extend(lengths)
+        self.episodes += len(returns)
+
+    @property
+    def mean_return(self) -> float:
+        return sum(self.returns) / len(self.returns) if self.returns else math.nan
+
+    def maybe_log(self) -> None:
+        if self.env_steps >= self._next_log:
+            self._next_log = (self.env_steps // self.log_every + 1) * self.log_every
+            self.log_row()
+
+    def log_row(self) -> dict[str, float]:
+        now = time.perf_counter()
+        then, steps_then, updates_then = self._last
+        dt = max(now - then, 1e-9)
+        self._last = (now, self.env_steps, self.updates)
+        row: dict[str, float] = {
+            "env_steps": self.env_steps,
+            "wall_s": round(self.wall_s, 3),
+            "charts/updates": self.updates,
+            "charts/episodes": self.episodes,
+            "charts/sps": (self.env_steps - steps_then) / dt,
+            "charts/ups": (self.updates - updates_then) / dt,
+        }
+        if self.returns:
+            row["charts/episodic_return"] = self.mean_return
+            row["charts/episodic_length"] = sum(self.lengths) / len(self.lengths)
+        for key, value in self.losses.items():
+            row[f"losses/{key}"] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        for phase, seconds in self.timer.drain().items():
+            row[f"perf/{phase}"] = seconds / dt
+        row.update({f"queues/{k}": float(v) for k, v in self.queue_probe().items()})
+        self.emit(row)
+        return row
+
+    def log_eval(self, returns: list[float]) -> dict[str, float]:
+        n = len(returns)
+        mean = sum(returns) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in returns) / n)
+        self.last_eval = {"eval/return_mean": mean, "eval/return_std": std,
+                          "eval/return_min": min(returns), "eval/return_max": max(returns),
+                          "eval/episodes": n}
+        row = {"env_steps": self.env_steps, "wall_s": round(self.wall_s, 3), **self.last_eval}
+        self.emit(row)
+        log.info("eval at %d env steps: return %.1f +- %.1f over %d episodes",
+                 self.env_steps, mean, std, n)
+        return row
+
+    def emit(self, row: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.write(row)
+        for listener in self.listeners:
+            listener(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class JsonlSink:
+    def __init__(self, path: Path):
+        self._file = open(path, "a", buffering=1)  # line-buffered: a killed run keeps its rows
+
+    def write(self, row: dict[str, float]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardSink:
+    """torch's own SummaryWriter; only built when the tensorboard package is installed."""
+
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir))
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def write(self, row: dict[str, float]) -> None:
+        step = int(row["env_steps"])
+        for key, value in row.items():
+            if key != "env_steps" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics file; a torn last line (a killed run) is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

@@ -1,0 +1,351 @@
+"""The trainer: one wiring function (:func:`build`) and one task group that owns every actor, the
+learner, evaluation and checkpointing. ``Trainer.run()`` is awaited in the caller's event loop;
+``Trainer.stop()`` ends the run cleanly (final evaluation and checkpoint); cancelling the task
+that awaits ``run()`` ends it too, with the same cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from asyncrl import checkpoint, registry
+from asyncrl.actor import Actor
+from asyncrl.adders import NStepAdder
+from asyncrl.config import Config
+from asyncrl.core import Algorithm, EnvSpec
+from asyncrl.envs import VecEnv, make_env
+from asyncrl.evaluation import evaluate
+from asyncrl.learner import Learner, pick_device
+from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink
+from asyncrl.ratelimit import RateLimiter
+from asyncrl.replay import Replay
+from asyncrl.weights import WeightStore
+
+log = logging.getLogger("asyncrl")
+
+
+@dataclass
+class Components:
+    config: Config
+    spec: EnvSpec
+    algo: Algorithm
+    replay: Replay
+    limiter: RateLimiter
+    store: WeightStore
+    recorder: Recorder
+    actors: list[Actor]
+    learner: Learner
+
+
+def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) -> Components:
+    """Everything a run is made of, and what feeds what, in one screen."""
+    algo_cls = registry.get(config.algo.name)
+    algo_config = registry.algo_config(algo_cls, config.algo.params)
+    e, seed = config.env, config.train.seed
+    envs: list[VecEnv] = []
+    try:
+        for i in range(config.actors.num_actors):
+            envs.append(make_env(e.id, e.num_envs, e.batch_size, seed + i * e.num_envs, e.kwargs, env_fn))
+        spec = envs[0].spec
+        torch.manual_seed(seed)
+        device = pick_device(config.learner.device)
+        algo = algo_cls(spec, algo_config, device)
+    except BaseException:
+        for env in envs:
+            env.close()
+        raise
+    data, r = algo.data, config.replay
+    # actors -> adders -> replay (under the limiter) -> learner -> weight store -> actors
+    replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                    spec.action_dtype, data.n_step, data.gamma,
+                    priority_exponent=r.priority_exponent if r.prioritized else 0.0, seed=seed)
+    limiter = RateLimiter(r.samples_per_insert, r.min_size_to_sample, config.error_buffer,
+                          config.learner.batch_size)
+    store = WeightStore.for_module(algo.acting_network)
+    store.publish(algo.acting_network)
+    actors = [
+        Actor(env, algo, store,
+              NStepAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
+                         spec.action_shape, spec.action_dtype),
+              recorder, np.random.default_rng([seed, i]), config.actors.pull_every)
+        for i, env in enumerate(envs)
+    ]
+    total = config.train.total_env_steps
+    beta0 = r.importance_exponent if r.prioritized else 0.0
+
+    def importance_exponent() -> float:  # annealed linearly to 1 over the run
+        return beta0 + (1.0 - beta0) * min(1.0, recorder.env_steps / total) if beta0 else 0.0
+
+    learner = Learner(algo, replay, limiter, store, recorder, device, config.learner.batch_size,
+                      config.learner.publish_every, config.learner.max_updates_per_call,
+                      importance_exponent)
+    return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner)
+
+
+def default_run_dir(config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.algo.name}-{config.env.id}-{stamp}"
+
+
+class Trainer:
+    def __init__(self, config: Config, *, run_dir: str | Path | None = None, resume: bool = False,
+                 sinks: list[Sink] | None = None, env_fn: Callable | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir or config.train.run_dir or default_run_dir(config))
+        self.resume = resume
+        self._extra_sinks = list(sinks or [])
+        self._env_fn = env_fn
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self.c: Components | None = None
+        self.result: dict[str, Any] = {}
+
+    # --- public -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the run to end: actors and learner finish their batch, then final eval/checkpoint."""
+        self._stopping = True
+        self._stop_event.set()
+        if self.c is not None:
+            self.c.limiter.stop()
+
+    @property
+    def recorder(self) -> Recorder | None:
+        return self.c.recorder if self.c else None
+
+    async def run(self) -> dict[str, Any]:
+        t = self.config.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        ckpt_dir = self.run_dir / "checkpoints"
+        restored = checkpoint.load_latest(ckpt_dir) if self.resume else None
+        manifest = restored[1] if restored else {}
+        sinks: list[Sink] = [JsonlSink(self.run_dir / "metrics.jsonl")]
+        if t.tensorboard and TensorBoardSink.available():
+            sinks.append(TensorBoardSink(self.run_dir / "tb"))
+        recorder = Recorder(t.log_every, sinks + self._extra_sinks, wall_offset=manifest.get("wall_s", 0.0),
+                            env_steps=manifest.get("env_steps", 0), updates=manifest.get("updates", 0),
+                            episodes=manifest.get("episodes", 0))
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(self.config.learner.torch_threads)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-io")
+        self._eval_env: VecEnv | None = None
+        try:
+            self.c = c = build(self.config, recorder, self._env_fn)
+            if self._stopping:
+                c.limiter.stop()
+            if restored:
+                self._restore(restored[0], manifest, restored[2])
+            recorder.queue_probe = self.queues
+            self._next_eval = (recorder.env_steps // t.eval_every + 1) * t.eval_every
+            self._next_ckpt = (recorder.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
+            self._last_eval_step = -1
+            self._last_ckpt_step = recorder.env_steps if restored else -1
+            self._eval_due, self._ckpt_due = asyncio.Event(), asyncio.Event()
+            log.info("run directory %s", self.run_dir)
+            try:
+                if recorder.env_steps < t.total_env_steps:
+                    await (self._run_serial() if t.mode == "serial" else self._run_async())
+            except asyncio.CancelledError:
+                # Every task has ended (the task group waited for them): the state is consistent.
+                self._final_checkpoint()
+                raise
+            self._finish_sync()
+        finally:
+            self._close(threads_before)
+        return self.result
+
+    # --- the two modes -----------------------------------------------------------------------
+
+    async def _run_async(self) -> None:
+        c = self.c
+        async with asyncio.TaskGroup() as tg:
+            for actor in c.actors:
+                tg.create_task(actor.run(c.limiter, self._on_steps))
+            tg.create_task(c.learner.run())
+            tg.create_task(self._evaluator())
+            tg.create_task(self._checkpointer())
+            tg.create_task(self._watch_stop())
+
+    async def _run_serial(self) -> None:
+        """The same components in one task, in a fixed order: deterministic for a seed."""
+        c = self.c
+        batch = c.learner.batch_size
+        for actor in c.actors:
+            actor.env.async_reset()
+        while not self._stopping:
+            for actor in c.actors:
+                step = actor.env.recv()
+                pending = actor.adder.pending(step.env_ids)
+                while pending and not c.limiter.try_insert(pending):
+                    if not c.limiter.try_sample(batch):
+                        raise RuntimeError("rate limiter refuses both insert and sample")
+                    c.learner.step()
+                actor.env.send(actor.act_batch(step), step.env_ids)
+                done = self._on_steps()
+                while c.limiter.try_sample(batch):
+                    c.learner.step()
+                if self._eval_due.is_set():
+                    self._eval_due.clear()
+                    self._evaluate_sync()
+                if self._ckpt_due.is_set():
+                    self._ckpt_due.clear()
+                    self._checkpoint_sync()
+                if done:
+                    self._stopping = True
+                    break
+            await asyncio.sleep(0)  # let a stop() or a signal in
+
+    def _on_steps(self) -> bool:
+        """Called after every actor batch: logging, evaluation and checkpoint triggers, the end."""
+        rec, t = self.c.recorder, self.config.train
+        rec.maybe_log()
+        if rec.env_steps >= self._next_eval:
+            self._next_eval = (rec.env_steps // t.eval_every + 1) * t.eval_every
+            self._eval_due.set()
+        if rec.env_steps >= self._next_ckpt:
+            self._next_ckpt = (rec.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
+            self._ckpt_due.set()
+        if rec.env_steps >= t.total_env_steps and not self._stopping:
+            self.stop()
+        return self._stopping
+
+    async def _watch_stop(self) -> None:
+        await self._stop_event.wait()
+        self.c.limiter.stop()
+        self._eval_due.set()
+        self._ckpt_due.set()
+
+    async def _evaluator(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._eval_due.wait()
+            self._eval_due.clear()
+            if self._stopping:
+                return
+            network, env_steps = self._eval_network()
+            returns = await loop.run_in_executor(self._io, self._eval_returns, network)
+            self._record_eval(returns, env_steps)
+
+    async def _checkpointer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ckpt_due.wait()
+            self._ckpt_due.clear()
+            if self._stopping:
+                return
+            async with self.c.learner.lock:  # no update in flight: a consistent state
+                manifest, state = self._snapshot()
+            await loop.run_in_executor(self._io, self._save, manifest, state)
+
+    # --- evaluation and checkpoints -----------------------------------------------------------
+
+    def _eval_network(self) -> tuple[torch.nn.Module, int]:
+        network = self.c.algo.make_acting_network().eval()
+        self.c.store.pull(network, -1)
+        return network, self.c.recorder.env_steps
+
+    def _eval_returns(self, network: torch.nn.Module) -> list[float]:
+        e, t = self.config.env, self.config.train
+        if self._eval_env is None:
+            kwargs = {**e.kwargs, **e.eval_kwargs}
+            self._eval_env = make_env(e.id, t.eval_episodes, None, t.seed + 1_000_003, kwargs, self._env_fn)
+            self._eval_rng = np.random.default_rng([t.seed, 1_000_003])
+        return evaluate(self._eval_env, self.c.algo, network, self._eval_rng)
+
+    def _record_eval(self, returns: list[float], env_steps: int) -> None:
+        rec = self.c.recorder
+        row = rec.log_eval(returns)
+        self._last_eval_step = env_steps
+        target = self.config.train.target_return
+        if target is not None and row["eval/return_mean"] >= target:
+            log.info("evaluation reached the target return %.1f: stopping", target)
+            self.result["reached_target_at"] = env_steps
+            self.stop()
+
+    def _evaluate_sync(self) -> None:
+        network, env_steps = self._eval_network()
+        self._record_eval(self._eval_returns(network), env_steps)
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        c, rec = self.c, self.c.recorder
+        manifest = {
+            "env_steps": rec.env_steps, "updates": rec.updates, "episodes": rec.episodes,
+            "wall_s": rec.wall_s, "weight_version": c.store.version,
+            "config": self.config.to_dict(),
+            "actor_rngs": [json.dumps(a.rng.bit_generator.state) for a in c.actors],
+        }
+        state = {"algo": _to_cpu(c.algo.state_dict()), "torch_rng": torch.get_rng_state()}
+        return manifest, state
+
+    def _save(self, manifest: dict[str, Any], state: dict[str, Any]) -> None:
+        path = checkpoint.save(self.run_dir / "checkpoints", manifest["env_steps"], manifest, state,
+                               self.config.train.keep_checkpoints)
+        self._last_ckpt_step = manifest["env_steps"]
+        log.info("checkpoint %s", path)
+
+    def _checkpoint_sync(self) -> None:
+        self._save(*self._snapshot())
+
+    def _final_checkpoint(self) -> None:
+        if self._last_ckpt_step != self.c.recorder.env_steps:
+            self._checkpoint_sync()
+
+    def _restore(self, path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
+        c = self.c
+        c.algo.load_state_dict(state["algo"])
+        torch.set_rng_state(state["torch_rng"])
+        for actor, rng_state in zip(c.actors, manifest.get("actor_rngs", [])):
+            actor.rng.bit_generator.state = json.loads(rng_state)
+        c.store.publish(c.algo.acting_network)
+        log.info("resumed from %s at %d env steps", path, manifest["env_steps"])
+
+    def _finish_sync(self) -> None:
+        """After the tasks ended: a last evaluation and the final checkpoint."""
+        rec = self.c.recorder
+        if self._last_eval_step != rec.env_steps and rec.env_steps > 0:
+            self._evaluate_sync()
+        self._final_checkpoint()
+        rec.log_row()
+        self.result.update(env_steps=rec.env_steps, updates=rec.updates, wall_s=rec.wall_s,
+                           eval=dict(rec.last_eval), run_dir=str(self.run_dir))
+
+    def queues(self) -> dict[str, float]:
+        c = self.c
+        stats = c.limiter.stats()
+        return {
+            "replay_size": c.replay.size, "replay_fill": c.replay.fill,
+            "insert_wait_s": stats["insert_wait_s"], "sample_wait_s": stats["sample_wait_s"],
+            "weight_staleness": max(a.staleness() for a in c.actors),
+        }
+
+    def _close(self, threads_before: int) -> None:
+        if self.c is not None:
+            self.c.limiter.stop()
+            for actor in self.c.actors:
+                actor.env.close()
+            self.c.recorder.close()
+        if self._eval_env is not None:
+            self._eval_env.close()
+        self._io.shutdown(wait=True)
+        torch.set_num_threads(threads_before)
+
+
+def _to_cpu(state: Any) -> Any:
+    """A copy of a (nested) state dict on the CPU, safe to write while training goes on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state

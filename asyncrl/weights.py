@@ -1,0 +1,116 @@
+"""A shared-memory weight store: the learner publishes, actors pull when the version moved.
+
+One flat float32 tensor and an int64 sequence counter, both in shared memory and written under a
+seqlock. The learner (the single writer) never waits for readers and readers never block it.
+The store works alike from threads and from ``torch.multiprocessing`` children: pass it as a
+process argument or through a torch queue and the child maps the same storage (a plain
+``pickle.dumps`` would copy the tensors instead).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class WeightStore:
+    """Flat float32 parameters plus a publish count, shared across threads and processes.
+
+    ``version`` counts completed publishes; 0 means nothing was published yet, so a reader that
+    starts with ``known_version = 0`` pulls the first publish. Only parameters are stored, not
+    buffers: an acting network with running statistics (batch norm) would need them added.
+    There must be one writer at a time; any number of readers.
+    """
+
+    def __init__(self, num_params: int) -> None:
+        if num_params < 1:
+            raise ValueError(f"num_params must be >= 1, got {num_params}")
+        self._flat = torch.zeros(num_params, dtype=torch.float32).share_memory_()
+        # Odd while a publish is in progress; completed publishes = sequence // 2.
+        self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.read_retries = 0  # per process: reads that overlapped a publish and were redone
+
+    @classmethod
+    def for_module(cls, module: nn.Module) -> WeightStore:
+        return cls(sum(p.numel() for p in module.parameters()))
+
+    @property
+    def num_params(self) -> int:
+        return self._flat.numel()
+
+    @property
+    def version(self) -> int:
+        return int(self._sequence.item()) // 2
+
+    def publish(self, module_or_flat: nn.Module | torch.Tensor) -> int:
+        """Write the parameters (from any device) and return the new version."""
+        if isinstance(module_or_flat, nn.Module):
+            sources = [p.detach() for p in module_or_flat.parameters()]
+        else:
+            sources = [module_or_flat.detach().reshape(-1)]
+        # Check the size before going odd: a publish that failed halfway would leave the
+        # sequence odd and readers spinning forever.
+        size = sum(s.numel() for s in sources)
+        if size != self.num_params:
+            raise ValueError(f"publishing {size} parameters into a store of {self.num_params}")
+
+        sequence = int(self._sequence.item())
+        self._sequence.fill_(sequence + 1)
+        offset = 0
+        for source in sources:
+            # Straight into the shared slice: no flat temporary per publish.
+            self._flat[offset : offset + source.numel()].view_as(source).copy_(source)
+            offset += source.numel()
+        self._sequence.fill_(sequence + 2)
+        return (sequence + 2) // 2
+
+    def read_into(self, out_flat: torch.Tensor) -> int:
+        """Copy a consistent snapshot into ``out_flat`` and return its version."""
+        if out_flat.numel() != self.num_params:
+            raise ValueError(f"reading {self.num_params} parameters into {out_flat.numel()}")
+        return self._read(lambda flat: out_flat.view(-1).copy_(flat))
+
+    def pull(self, module: nn.Module, known_version: int) -> int | None:
+        """Load the latest weights into ``module`` if newer than ``known_version``.
+
+        Returns the version loaded, or None (and leaves ``module`` alone) when nothing is newer.
+        """
+        if self.version <= known_version:
+            return None
+        params = [p.detach() for p in module.parameters()]
+        size = sum(p.numel() for p in params)
+        if size != self.num_params:
+            raise ValueError(f"pulling {self.num_params} parameters into a module of {size}")
+
+        def copy(flat: torch.Tensor) -> None:
+            offset = 0
+            for param in params:
+                param.copy_(flat[offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
+
+        # Copying straight into the parameters is safe: a torn read is simply overwritten by the
+        # retry. A copy to CUDA from this pageable memory has read its source by the time
+        # copy_ returns, so the version check after it still covers the read.
+        return self._read(copy)
+
+    def _read(self, copy: Callable[[torch.Tensor], object]) -> int:
+        # The seqlock read. The writer goes odd, writes, goes even; we read the sequence, copy,
+        # and reread it. A copy that overlapped a publish in any way either started while the
+        # sequence was odd, or saw it change by the end: had any byte of a new publish reached
+        # our copy, its odd store (made before those bytes) reached our second read (made after
+        # the copy). That "before" holds on x86, which keeps stores in order and loads in order,
+        # and the counter's aligned 8-byte stores and loads are atomic. A weakly ordered CPU
+        # (ARM) would need fences that torch does not expose; the many calls between the three
+        # steps make a reorder unlikely there, not impossible.
+        while True:
+            before = int(self._sequence.item())
+            if before % 2:
+                time.sleep(0)  # a publish is in progress: let the writer run
+                continue
+            copy(self._flat)
+            if int(self._sequence.item()) == before:
+                return before // 2
+            self.read_retries += 1

@@ -1,0 +1,151 @@
+import queue
+import threading
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from asyncrl.weights import WeightStore
+
+# Large enough that each copy_ runs long outside the GIL, so reads and publishes interleave.
+NUM_PARAMS = 2_000_000
+
+
+def publish_constants(store: WeightStore, stop: threading.Event, deadline: float) -> None:
+    """Publish tensors whose every element equals the version they become."""
+    source = torch.empty(store.num_params)
+    while not stop.is_set() and time.monotonic() < deadline:
+        source.fill_(store.version + 1)
+        store.publish(source)
+
+
+def read_and_check(store: WeightStore, min_versions: int, budget_s: float) -> tuple[int, int]:
+    """Read until ``min_versions`` publishes went by (or the budget ran out); check every copy.
+
+    Returns (reads, versions seen).
+    """
+    out = torch.empty(store.num_params)
+    deadline = time.monotonic() + budget_s
+    first = last = store.read_into(out)
+    reads = 0
+    while last - first < min_versions and time.monotonic() < deadline:
+        version = store.read_into(out)
+        low, high = torch.aminmax(out)
+        assert low == high == version, f"torn read: [{low}, {high}] at version {version}"
+        assert version >= last, "version went backwards"
+        last = version
+        reads += 1
+    return reads, last - first
+
+
+def test_no_torn_read_across_threads():
+    store = WeightStore(NUM_PARAMS)
+    stop = threading.Event()
+    writer = threading.Thread(
+        target=publish_constants, args=(store, stop, time.monotonic() + 10), daemon=True
+    )
+    writer.start()
+    try:
+        reads, versions = read_and_check(store, min_versions=50, budget_s=5)
+    finally:
+        stop.set()
+        writer.join(timeout=5)
+    assert not writer.is_alive()
+    assert reads > 0 and versions > 0
+
+
+def _child_reader(store: WeightStore, results: mp.Queue) -> None:
+    try:
+        results.put(("ready",))
+        while store.version == 0:  # the parent's first publish proves the storage is shared
+            time.sleep(0.001)
+        results.put(("ok", *read_and_check(store, min_versions=30, budget_s=5)))
+    except BaseException as error:
+        results.put(("error", repr(error)))
+
+
+def test_no_torn_read_across_a_spawned_process():
+    ctx = mp.get_context("spawn")
+    store = WeightStore(NUM_PARAMS)
+    results = ctx.Queue()
+    child = ctx.Process(target=_child_reader, args=(store, results), daemon=True)
+    child.start()
+    try:
+        # Spawning a torch child is slow on a busy machine; publish only once it reads, so the
+        # writer does not slow its start.
+        assert results.get(timeout=30) == ("ready",)
+        source = torch.empty(NUM_PARAMS)
+        deadline = time.monotonic() + 10
+        result = None
+        while result is None and time.monotonic() < deadline:
+            source.fill_(store.version + 1)
+            store.publish(source)
+            try:
+                result = results.get_nowait()
+            except queue.Empty:
+                pass
+        assert result is not None, "the child reader did not finish in time"
+        assert result[0] == "ok", result[1]
+        _, reads, versions = result
+        assert reads > 0 and versions > 0
+        child.join(timeout=10)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_module_round_trip():
+    source, target = make_net(), make_net()
+    store = WeightStore.for_module(source)
+    assert store.num_params == 4 * 8 + 8 + 8 * 2 + 2
+    assert store.publish(source) == 1
+    assert store.pull(target, known_version=0) == 1
+    for a, b in zip(source.parameters(), target.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    flat = torch.empty(store.num_params)
+    assert store.read_into(flat) == 1
+    assert torch.equal(flat, nn.utils.parameters_to_vector(source.parameters()))
+
+
+def test_pull_only_when_the_version_moved():
+    source, target = make_net(), make_net()
+    store = WeightStore.for_module(source)
+    before = [p.clone() for p in target.parameters()]
+    assert store.version == 0
+    assert store.pull(target, known_version=0) is None  # nothing published yet
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+
+    store.publish(source)
+    known = store.pull(target, known_version=0)
+    assert known == 1
+    assert store.pull(target, known_version=known) is None
+
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    store.publish(source)
+    assert store.pull(target, known_version=known) == 2
+    assert all(torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters()))
+
+
+def test_size_mismatches_are_refused():
+    store = WeightStore(10)
+    with pytest.raises(ValueError, match="publishing 11"):
+        store.publish(torch.zeros(11))
+    assert store.version == 0 and store._sequence.item() == 0  # not left mid-publish
+    with pytest.raises(ValueError, match="into 9"):
+        store.read_into(torch.zeros(9))
+    store.publish(torch.ones(10))
+    with pytest.raises(ValueError, match="module of"):
+        store.pull(make_net(), known_version=0)
+    with pytest.raises(ValueError, match="num_params"):
+        WeightStore(0)
