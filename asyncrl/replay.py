@@ -1,0 +1,212 @@
+"""Replay of n-step transitions, kept as one ring of steps per env stream so that each observation
+is stored once: the next observation of a step is the observation of the stream's next slot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from asyncrl.sumtree import SumTree
+
+
+class Replay:
+    """Preallocated rings of steps, one per stream (one env of one actor), sampled through a
+    sum-tree: uniformly when ``priority_exponent`` is 0, by priority otherwise.
+
+    A slot holds ``obs_t, action_t`` and what the env returned after the action: ``reward_t,
+    terminated_t, truncated_t``. ``applied_t`` is False when the action was never applied: the
+    step after an episode end (EnvPool's auto-reset ignores the action) holds the episode's final
+    observation, and a slot whose successor will never come (see :meth:`cut`). Only applied slots
+    start a transition, and no n-step return runs past an episode end or a cut.
+
+    Slots are addressed by stream and *position*, the stream's unwrapped count of steps written
+    before it; position p lives in column ``p % stream_capacity``.
+    """
+
+    _ARRAYS = ("obs", "actions", "rewards", "terminated", "truncated", "applied", "positions",
+               "head")
+
+    def __init__(
+        self,
+        capacity: int,
+        num_streams: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: np.dtype,
+        action_shape: tuple[int, ...],
+        action_dtype: np.dtype,
+        n_step: int,
+        gamma: float,
+        priority_exponent: float = 0.0,
+        priority_eps: float = 1e-6,
+        seed: int | None = None,
+    ):
+        if num_streams < 1 or n_step < 1:
+            raise ValueError(
+                f"need num_streams >= 1 and n_step >= 1, got {num_streams} and {n_step}")
+        per_stream = capacity // num_streams
+        if per_stream < n_step + 2:
+            raise ValueError(
+                f"replay capacity {capacity} split over {num_streams} env streams leaves "
+                f"{per_stream} slots per stream; {n_step}-step returns need at least "
+                f"{n_step + 2}, so use a capacity of at least {num_streams * (n_step + 2)}")
+        if priority_exponent < 0 or priority_eps <= 0:
+            raise ValueError(f"need priority_exponent >= 0 and priority_eps > 0, got "
+                             f"{priority_exponent} and {priority_eps}")
+        self.num_streams = num_streams
+        self.stream_capacity = per_stream
+        self.n_step = n_step
+        self.gamma = gamma
+        self.priority_exponent = priority_exponent
+        self.priority_eps = priority_eps
+        slots = (num_streams, per_stream)
+        # np.zeros leaves pages untouched until written: a large ring costs memory as it fills.
+        self.obs = np.zeros(slots + tuple(obs_shape), obs_dtype)
+        self.actions = np.zeros(slots + tuple(action_shape), action_dtype)
+        self.rewards = np.zeros(slots, np.float32)
+        self.terminated = np.zeros(slots, bool)
+        self.truncated = np.zeros(slots, bool)
+        self.applied = np.zeros(slots, bool)
+        self.positions = np.full(slots, -1, np.int64)  # tells a sampled key from a slot's new owner
+        self.head = np.zeros(num_streams, np.int64)  # steps written per stream, unwrapped
+        self.max_priority = 1.0  # what new transitions get, so each is likely sampled at least once
+        self._tree = SumTree(num_streams * per_stream)
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def capacity(self) -> int:
+        """Slots held when full: ``num_streams * (capacity // num_streams)``."""
+        return self.num_streams * self.stream_capacity
+
+    @property
+    def size(self) -> int:
+        return int(np.minimum(self.head, self.stream_capacity).sum())
+
+    @property
+    def fill(self) -> float:
+        return self.size / self.capacity
+
+    @property
+    def num_sampleable(self) -> int:
+        return self._tree.num_nonzero
+
+    def insert(self, streams, obs, actions, rewards, terminated, truncated, applied) -> None:
+        """Write one step at the head of each of ``streams`` (distinct); the other arguments are
+        batch-aligned with ``streams``."""
+        streams = np.asarray(streams, np.int64)
+        written = self.head[streams]
+        cols = written % self.stream_capacity
+        self.obs[streams, cols] = obs
+        self.actions[streams, cols] = actions
+        self.rewards[streams, cols] = rewards
+        self.terminated[streams, cols] = terminated
+        self.truncated[streams, cols] = truncated
+        self.applied[streams, cols] = applied
+        self.positions[streams, cols] = written
+        self.head[streams] = written + 1
+        # The new step needs n_step successors before it can be sampled; the step n_step back
+        # has just got its last one.
+        ready = written - self.n_step
+        ready_streams, ready = streams[ready >= 0], ready[ready >= 0]
+        ready_cols = ready % self.stream_capacity
+        ready_values = np.where(self.applied[ready_streams, ready_cols],
+                                self.max_priority ** self.priority_exponent, 0.0)
+        self._tree.update(
+            np.concatenate([self._leaf(streams, cols), self._leaf(ready_streams, ready_cols)]),
+            np.concatenate([np.zeros(len(streams)), ready_values]))
+
+    def cut(self, streams) -> None:
+        """Mark the last step of each stream as never applied: its successor will never be
+        written (its env was reset, or a new adder took the stream over), so no n-step return
+        may run past it. Its observation still ends the returns of the steps before it."""
+        streams = np.asarray(streams, np.int64)
+        streams = streams[self.head[streams] > 0]
+        # Not yet sampleable (it has no successor), so its sum-tree leaf is already 0.
+        self.applied[streams, (self.head[streams] - 1) % self.stream_capacity] = False
+
+    def sample(self, batch_size: int, importance_exponent: float = 0.0) -> dict[str, np.ndarray]:
+        """A batch of n-step transitions: ``obs, actions, rewards`` (discounted n-step return),
+        ``discounts`` (on the bootstrap value: ``gamma**k`` after k steps, 0 when the episode
+        terminated within them), ``next_obs``, ``weights`` (importance weights, max 1) and
+        ``keys`` for :meth:`update_priorities` (``position * num_streams + stream``)."""
+        if self._tree.total <= 0:
+            raise ValueError(
+                f"nothing to sample yet: a step becomes sampleable once {self.n_step} more "
+                f"steps of its stream are in replay ({self.size} steps held in "
+                f"{self.num_streams} streams)")
+        n, per_stream = self.n_step, self.stream_capacity
+        leaves = self._tree.sample(batch_size, self._rng)
+        streams, cols = np.divmod(leaves, per_stream)
+        starts = self.positions[streams, cols]
+        rows = streams[:, None]
+        window = (starts[:, None] + np.arange(n + 1)) % per_stream  # columns of steps p .. p+n
+        steps, successors = window[:, :-1], window[:, 1:]
+        # A return stops at an episode end or before a step whose action was never applied.
+        stops = (self.terminated[rows, steps] | self.truncated[rows, steps]
+                 | ~self.applied[rows, successors])
+        k = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, n)
+        batch = np.arange(batch_size)
+        in_return = np.arange(n) < k[:, None]
+        rewards = (self.rewards[rows, steps] * in_return) @ self.gamma ** np.arange(n)
+        terminal = self.terminated[streams, steps[batch, k - 1]]
+        discounts = np.where(terminal, 0.0, self.gamma ** k)
+
+        weights = np.ones(batch_size, np.float32)
+        if self.priority_exponent > 0 and importance_exponent > 0:
+            # (N * P(i)) ** -beta over its batch maximum, in which the N sampleable slots cancel.
+            w = self._tree.get(leaves) ** -importance_exponent
+            weights = (w / w.max()).astype(np.float32)
+        return {
+            "obs": self.obs[streams, cols],
+            "actions": self.actions[streams, cols],
+            "rewards": rewards.astype(np.float32),
+            "discounts": discounts.astype(np.float32),
+            "next_obs": self.obs[streams, window[batch, k]],
+            "weights": weights,
+            "keys": starts * self.num_streams + streams,
+        }
+
+    def update_priorities(self, keys, priorities) -> None:
+        """Set the priorities of sampled items; keys of slots overwritten since are ignored."""
+        if self.priority_exponent == 0:
+            return
+        positions, streams = np.divmod(np.asarray(keys, np.int64), self.num_streams)
+        cols = positions % self.stream_capacity
+        leaves = self._leaf(streams, cols)
+        # A key goes stale when its slot is overwritten; and no key may make sampleable a slot
+        # that is not.
+        live = (self.positions[streams, cols] == positions) & (self._tree.get(leaves) > 0)
+        priorities = np.abs(np.asarray(priorities, np.float64))[live] + self.priority_eps
+        self._tree.update(leaves[live], priorities ** self.priority_exponent)
+        if priorities.size:
+            self.max_priority = max(self.max_priority, float(priorities.max()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The replay's contents. The large arrays are views, not copies (a full Atari replay
+        is tens of GB): serialise the dict before inserting again."""
+        state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
+        state["priorities"] = self._tree.get(np.arange(self.capacity))
+        state["max_priority"] = self.max_priority
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {name: (getattr(self, name).shape, getattr(self, name).dtype)
+                    for name in self._ARRAYS}
+        expected["priorities"] = ((self.capacity,), np.dtype(np.float64))
+        for name, (shape, dtype) in expected.items():
+            theirs = np.asarray(state[name])
+            if theirs.shape != shape or theirs.dtype != dtype:
+                raise ValueError(
+                    f"replay state '{name}' is {theirs.dtype}{list(theirs.shape)} but this replay "
+                    f"holds {dtype}{list(shape)}: it was saved with another capacity, number of "
+                    f"env streams or env")
+        for name in self._ARRAYS:
+            getattr(self, name)[...] = state[name]
+        # Parents are always the sum of their children, so rebuilding from the leaves gives back
+        # the same tree, bit for bit.
+        self._tree = SumTree(self.capacity)
+        self._tree.update(np.arange(self.capacity), state["priorities"])
+        self.max_priority = float(state["max_priority"])
+
+    def _leaf(self, streams: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return streams * self.stream_capacity + cols

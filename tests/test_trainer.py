@@ -1,0 +1,163 @@
+"""The trainer end to end on short runs: both modes, determinism, stop, cancel, resume, SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from algos.dqn import DQN
+from asyncrl import checkpoint
+from asyncrl.config import build_config
+from asyncrl.metrics import read_jsonl
+from asyncrl.trainer import Trainer
+
+SHORT = [
+    "train.total_env_steps=3000", "replay.min_size_to_sample=500", "train.eval_every=1500",
+    "train.eval_episodes=2", "train.log_every=500", "train.checkpoint_every=1500",
+]
+# Keys that measure time, not behaviour: they differ between identical runs.
+TIMING = ("wall_s", "charts/sps", "charts/ups")
+
+
+def config(*extra: str):
+    return build_config(DQN.preset, overrides=[*SHORT, *extra])
+
+
+def run(trainer: Trainer, timeout: float = 60) -> dict:
+    return asyncio.run(asyncio.wait_for(trainer.run(), timeout))
+
+
+def behaviour(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items()
+             if k not in TIMING and not k.startswith("perf/") and not k.endswith("wait_s")} for row in rows]
+
+
+def test_serial_mode_is_deterministic(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        trainer = Trainer(config("train.mode='serial'"), run_dir=tmp_path / name)
+        run(trainer)
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        _, _, state = checkpoint.load_latest(tmp_path / name / "checkpoints")
+        results.append((behaviour(rows), state["algo"]["q"]))
+    (rows_a, q_a), (rows_b, q_b) = results
+    assert any("losses/td_loss" in r for r in rows_a) and any("eval/return_mean" in r for r in rows_a)
+    assert rows_a == rows_b
+    for key in q_a:
+        assert torch.equal(q_a[key], q_b[key]), key
+
+
+def test_async_run_finishes_with_checkpoint_and_no_leaked_threads(tmp_path):
+    threads_before = threading.active_count()
+    result = run(Trainer(config(), run_dir=tmp_path))
+    assert result["env_steps"] >= 3000 and result["updates"] > 0
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all("env_steps" in r and "wall_s" in r for r in rows)
+    assert any("eval/return_mean" in r for r in rows)
+    assert any("queues/weight_staleness" in r for r in rows)
+    path, manifest, _ = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert manifest["env_steps"] == result["env_steps"]
+    assert threading.active_count() == threads_before
+
+
+def test_async_mode_with_envpool_async_batches_and_two_actors(tmp_path):
+    cfg = config("env.num_envs=8", "env.batch_size=4", "actors.num_actors=2", "replay.prioritized=true")
+    result = run(Trainer(cfg, run_dir=tmp_path))
+    assert result["env_steps"] >= 3000 and result["updates"] > 0
+
+
+def test_stop_ends_a_run_cleanly(tmp_path):
+    trainer = Trainer(config("train.total_env_steps=10_000_000"), run_dir=tmp_path)
+
+    async def main():
+        task = asyncio.create_task(trainer.run())
+        while trainer.recorder is None or trainer.recorder.env_steps < 2000:
+            await asyncio.sleep(0.05)
+        trainer.stop()
+        return await asyncio.wait_for(task, 10)
+
+    result = asyncio.run(main())
+    assert 2000 <= result["env_steps"] < 10_000_000
+    assert checkpoint.checkpoints(tmp_path / "checkpoints")[0].name == f"step_{result['env_steps']:012d}"
+
+
+@pytest.mark.parametrize("mode", ["async", "serial"])
+def test_cancel_writes_final_checkpoint_and_joins_threads(tmp_path, mode):
+    threads_before = threading.active_count()
+    trainer = Trainer(config("train.total_env_steps=10_000_000", f"train.mode='{mode}'"), run_dir=tmp_path)
+
+    async def main():
+        task = asyncio.create_task(trainer.run())
+        while trainer.recorder is None or trainer.recorder.env_steps < 2000:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        started = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 5
+    _, manifest, _ = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert manifest["env_steps"] >= 2000
+    assert threading.active_count() == threads_before
+
+
+def test_resume_continues_counters(tmp_path):
+    first = run(Trainer(config(), run_dir=tmp_path))
+    resumed = run(Trainer(config("train.total_env_steps=5000"), run_dir=tmp_path, resume=True))
+    assert resumed["env_steps"] >= 5000
+    assert resumed["updates"] > first["updates"]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    later = [r for r in rows if r["env_steps"] > first["env_steps"]]
+    assert later and all(r["wall_s"] >= first["wall_s"] for r in later)
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "asyncrl", "run", "dqn", "--no-live", "--run-dir", str(run_dir),
+           "--set", "train.total_env_steps=10_000_000", "--set", "train.checkpoint_every=2000",
+           "--set", "replay.min_size_to_sample=500", "--set", "train.eval_every=1_000_000"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not checkpoint.checkpoints(run_dir / "checkpoints"):
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _, manifest, _ = checkpoint.load_latest(run_dir / "checkpoints")
+    saved = manifest["env_steps"]
+    target = saved + 1500
+    out = subprocess.run([sys.executable, "-m", "asyncrl", "run", "--resume", str(run_dir), "--no-live",
+                          "--set", f"train.total_env_steps={target}"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["env_steps"] >= target
+    _, final, _ = checkpoint.load_latest(run_dir / "checkpoints")
+    assert final["env_steps"] >= target and final["updates"] > manifest["updates"]
+
+
+@pytest.mark.learning
+def test_dqn_solves_cartpole_within_100k_steps(tmp_path):
+    """Issue 2's bar: greedy return >= 475 over 20 episodes within 100k env steps (fixed seed)."""
+    cfg = build_config(DQN.preset, overrides=["train.mode='serial'", "train.seed=0",
+                                              "train.target_return=475"])
+    result = run(Trainer(cfg, run_dir=tmp_path), timeout=300)
+    assert result["eval"]["eval/return_mean"] >= 475
+    assert result["eval"]["eval/episodes"] == 20
+    assert result["reached_target_at"] <= 100_000
