@@ -312,6 +312,7 @@ class Trainer:
     def _finish_sync(self) -> None:
         """After the tasks ended: a last evaluation and the final checkpoint."""
         rec = self.c.recorder
+        self.result["train_wall_s"] = rec.wall_s  # training alone, before the final eval and save
         if self._last_eval_step != rec.env_steps and rec.env_steps > 0:
             self._evaluate_sync()
         self._final_checkpoint()
