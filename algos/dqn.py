@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
@@ -33,11 +33,12 @@ class DQNConfig(BaseModel):
     huber_delta: float = Field(1.0, gt=0, description="Huber loss threshold on the TD error.")
     max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
 
-    @model_validator(mode="after")
-    def _widths(self) -> DQNConfig:
-        if not self.hidden or any(w < 1 for w in self.hidden):
-            raise ValueError("hidden must list positive layer widths")
-        return self
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: list[int]) -> list[int]:
+        if not hidden or any(w < 1 for w in hidden):
+            raise ValueError("must list positive layer widths")
+        return hidden
 
 
 # --- networks ---------------------------------------------------------------------------------

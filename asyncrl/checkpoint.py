@@ -82,15 +82,20 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str
 
 def load_latest(directory: Path, map_location: str | torch.device = "cpu"
                 ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """The newest checkpoint that loads; older ones are tried, with a warning, when newer are bad."""
+    """The newest checkpoint that loads; older ones are tried when newer are bad, and the bad
+    ones are reported in one warning once a good one is found."""
     found = checkpoints(directory)
     if not found:
         raise CheckpointError(f"no checkpoint in {directory}")
+    bad: list[str] = []
     for path in found:
         try:
             manifest, state = load(path, map_location)
         except CheckpointError as exc:
-            log.warning("%s; trying an older one", exc)
+            bad.append(str(exc))
             continue
+        if bad:
+            log.warning("skipped %d unreadable checkpoint(s), resuming from %s: %s",
+                        len(bad), path.name, "; ".join(bad))
         return path, manifest, state
-    raise CheckpointError(f"no loadable checkpoint in {directory} ({len(found)} tried)")
+    raise CheckpointError(f"no loadable checkpoint in {directory} ({len(found)} tried, all unreadable)")

@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -40,11 +41,13 @@ class EnvConfig(_Section):
     def actor_batch(self) -> int:
         return self.batch_size or self.num_envs
 
-    @model_validator(mode="after")
-    def _batch_fits(self) -> EnvConfig:
-        if self.batch_size is not None and self.batch_size > self.num_envs:
-            raise ValueError(f"batch_size ({self.batch_size}) must not exceed num_envs ({self.num_envs})")
-        return self
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_fits(cls, batch_size: int | None, info: ValidationInfo) -> int | None:
+        num_envs = info.data.get("num_envs")
+        if batch_size is not None and num_envs is not None and batch_size > num_envs:
+            raise ValueError(f"must not exceed num_envs ({num_envs})")
+        return batch_size
 
 
 class ActorsConfig(_Section):
@@ -79,11 +82,12 @@ class LearnerConfig(_Section):
     max_updates_per_call: int = Field(
         8, ge=1, description="Updates run per hand-off to the learner thread, when the limiter allows.")
 
-    @model_validator(mode="after")
-    def _device_known(self) -> LearnerConfig:
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
-        return self
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, device: str) -> str:
+        if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+            raise ValueError("unknown device; use auto, cpu, cuda or cuda:N")
+        return device
 
 
 class TrainConfig(_Section):
@@ -188,15 +192,13 @@ def read_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
-    if path.suffix in (".json",):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a table of sections")
+    return data
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -210,6 +212,17 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
     more = len(exc.errors()) - 1
     return f"invalid config: {where}: {msg}{shown}" + (f" (and {more} more)" if more else "")
+
+
+def algo_name(data: dict[str, Any]) -> str | None:
+    """The algorithm a config dict names, if any; a malformed ``algo`` entry is a ConfigError."""
+    section = data.get("algo")
+    if section is None:
+        return None
+    if not isinstance(section, dict) or not isinstance(section.get("name", ""), str):
+        raise ConfigError("invalid config: algo: must be a table whose name is a string, "
+                          "e.g. [algo] name = \"dqn\"")
+    return section.get("name")
 
 
 def build_config(

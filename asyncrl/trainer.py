@@ -124,15 +124,9 @@ class Trainer:
 
     async def run(self) -> dict[str, Any]:
         t = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        ckpt_dir = self.run_dir / "checkpoints"
-        restored = checkpoint.load_latest(ckpt_dir) if self.resume else None
+        restored = checkpoint.load_latest(self.run_dir / "checkpoints") if self.resume else None
         manifest = restored[1] if restored else {}
-        sinks: list[Sink] = [JsonlSink(self.run_dir / "metrics.jsonl")]
-        if t.tensorboard and TensorBoardSink.available():
-            sinks.append(TensorBoardSink(self.run_dir / "tb"))
-        recorder = Recorder(t.log_every, sinks + self._extra_sinks, wall_offset=manifest.get("wall_s", 0.0),
+        recorder = Recorder(t.log_every, [], wall_offset=manifest.get("wall_s", 0.0),
                             env_steps=manifest.get("env_steps", 0), updates=manifest.get("updates", 0),
                             episodes=manifest.get("episodes", 0))
         threads_before = torch.get_num_threads()
@@ -140,7 +134,13 @@ class Trainer:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-io")
         self._eval_env: VecEnv | None = None
         try:
+            # Envs and networks first: a bad env id or config leaves no run directory behind.
             self.c = c = build(self.config, recorder, self._env_fn)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            recorder.sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), *self._extra_sinks]
+            if t.tensorboard and TensorBoardSink.available():
+                recorder.sinks.append(TensorBoardSink(self.run_dir / "tb"))
             if self._stopping:
                 c.limiter.stop()
             if restored:
