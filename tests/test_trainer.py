@@ -70,6 +70,19 @@ def test_async_run_finishes_with_checkpoint_and_no_leaked_threads(tmp_path):
     assert threading.active_count() == threads_before
 
 
+def test_tensorboard_scalars_match_the_jsonl_rows(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run(Trainer(config("train.tensorboard=true"), run_dir=tmp_path))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    evals = events.Scalars("eval/return_mean")
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/return_mean" in r]
+    assert [e.step for e in evals] == [r["env_steps"] for r in rows]
+    assert [e.value for e in evals] == pytest.approx([r["eval/return_mean"] for r in rows])
+    assert events.Scalars("charts/sps")[-1].step == result["env_steps"]
+
+
 def test_async_mode_with_envpool_async_batches_and_two_actors(tmp_path):
     cfg = config("env.num_envs=8", "env.batch_size=4", "actors.num_actors=2", "replay.prioritized=true")
     result = run(Trainer(cfg, run_dir=tmp_path))
@@ -150,6 +163,31 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert summary["env_steps"] >= target
     _, final, _ = checkpoint.load_latest(run_dir / "checkpoints")
     assert final["env_steps"] >= target and final["updates"] > manifest["updates"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_the_cli_with_a_final_checkpoint(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "asyncrl", "run", "dqn", "--no-live", "--run-dir", str(run_dir),
+           "--set", "train.total_env_steps=10_000_000", "--set", "replay.min_size_to_sample=500"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (run_dir / "metrics.jsonl").exists() or not read_jsonl(run_dir / "metrics.jsonl"):
+            assert time.time() < deadline and proc.poll() is None, "the run did not start"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        started = time.perf_counter()
+        out, _ = proc.communicate(timeout=30)
+        elapsed = time.perf_counter() - started
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert elapsed < 10  # "within a few seconds": a final evaluation and checkpoint, then exit
+    summary = json.loads(out.strip().splitlines()[-1])
+    _, manifest, _ = checkpoint.load_latest(run_dir / "checkpoints")
+    assert manifest["env_steps"] == summary["env_steps"] > 0
 
 
 @pytest.mark.learning
