@@ -99,6 +99,8 @@ class Learner:
                     count += 1
                 drawn = [self.sample() for _ in range(count)]
                 async with self.lock:
+                    if self.limiter.stopped:  # stopped while waiting for the lock: keep the state
+                        return
                     future = loop.run_in_executor(self._executor, self._update, [b for b, _ in drawn])
                     try:
                         priorities = await asyncio.shield(future)

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -148,7 +149,7 @@ class Trainer:
             recorder.queue_probe = self.queues
             self._next_eval = (recorder.env_steps // t.eval_every + 1) * t.eval_every
             self._next_ckpt = (recorder.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
-            self._last_eval_step = -1
+            self._last_eval_version = -1
             self._last_ckpt_step = recorder.env_steps if restored else -1
             self._eval_due, self._ckpt_due = asyncio.Event(), asyncio.Event()
             log.info("run directory %s", self.run_dir)
@@ -232,9 +233,13 @@ class Trainer:
             self._eval_due.clear()
             if self._stopping:
                 return
-            network, env_steps = self._eval_network()
-            returns = await loop.run_in_executor(self._io, self._eval_returns, network)
-            self._record_eval(returns, env_steps)
+            # With a target return, the evaluated weights must be the ones kept if the run stops
+            # on them: learning pauses while such an evaluation runs (acting goes on).
+            held = self.c.learner.lock if self.config.train.target_return is not None else nullcontext()
+            async with held:
+                network, version = self._eval_network()
+                returns = await loop.run_in_executor(self._io, self._eval_returns, network)
+                self._record_eval(returns, version)
 
     async def _checkpointer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -250,9 +255,10 @@ class Trainer:
     # --- evaluation and checkpoints -----------------------------------------------------------
 
     def _eval_network(self) -> tuple[torch.nn.Module, int]:
+        """A copy of the latest published policy and its weight version."""
         network = self.c.algo.make_acting_network().eval()
-        self.c.store.pull(network, -1)
-        return network, self.c.recorder.env_steps
+        version = self.c.store.pull(network, -1)
+        return network, version
 
     def _eval_returns(self, network: torch.nn.Module) -> list[float]:
         e, t = self.config.env, self.config.train
@@ -262,19 +268,19 @@ class Trainer:
             self._eval_rng = np.random.default_rng([t.seed, 1_000_003])
         return evaluate(self._eval_env, self.c.algo, network, self._eval_rng)
 
-    def _record_eval(self, returns: list[float], env_steps: int) -> None:
+    def _record_eval(self, returns: list[float], version: int) -> None:
         rec = self.c.recorder
         row = rec.log_eval(returns)
-        self._last_eval_step = env_steps
+        self._last_eval_version = version
         target = self.config.train.target_return
         if target is not None and row["eval/return_mean"] >= target:
             log.info("evaluation reached the target return %.1f: stopping", target)
-            self.result["reached_target_at"] = env_steps
+            self.result["reached_target_at"] = rec.env_steps
             self.stop()
 
     def _evaluate_sync(self) -> None:
-        network, env_steps = self._eval_network()
-        self._record_eval(self._eval_returns(network), env_steps)
+        network, version = self._eval_network()
+        self._record_eval(self._eval_returns(network), version)
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         c, rec = self.c, self.c.recorder
@@ -313,8 +319,8 @@ class Trainer:
         """After the tasks ended: a last evaluation and the final checkpoint."""
         rec = self.c.recorder
         self.result["train_wall_s"] = rec.wall_s  # training alone, before the final eval and save
-        if self._last_eval_step != rec.env_steps and rec.env_steps > 0:
-            self._evaluate_sync()
+        if self._last_eval_version != self.c.store.version and rec.env_steps > 0:
+            self._evaluate_sync()  # the final policy has not been evaluated yet
         self._final_checkpoint()
         rec.log_row()
         self.result.update(env_steps=rec.env_steps, updates=rec.updates, wall_s=rec.wall_s,

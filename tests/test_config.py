@@ -120,7 +120,7 @@ def test_dqn_preset_equals_shipped_cartpole_file():
     assert from_preset.to_dict() == from_file.to_dict()
     assert from_preset == from_file
     # Both differ from the bare defaults, so the comparison is not between two empty sources.
-    assert from_file.learner.batch_size == 64 != Config().learner.batch_size
+    assert from_file.learner.batch_size == 128 != Config().learner.batch_size
 
 
 def test_resolved_config_round_trips_through_json():

@@ -199,3 +199,30 @@ def test_dqn_solves_cartpole_within_100k_steps(tmp_path):
     assert result["eval"]["eval/return_mean"] >= 475
     assert result["eval"]["eval/episodes"] == 20
     assert result["reached_target_at"] <= 100_000
+
+
+def test_live_view_shows_progress(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from asyncrl.live import LiveView
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=100)
+    trainer = Trainer(config(), run_dir=tmp_path)
+
+    async def main():
+        view = asyncio.create_task(LiveView(trainer, console, period_s=0.1).run())
+        try:
+            await asyncio.wait_for(trainer.run(), 60)
+        finally:
+            view.cancel()
+            await asyncio.gather(view, return_exceptions=True)
+
+    asyncio.run(main())
+    text = buffer.getvalue()
+    for label in ("env steps/s", "updates", "episodic return", "loss", "replay fill",
+                  "limiter waits", "weight staleness", "last eval return"):
+        assert label in text
+    assert "3,0" in text  # the final frame shows the env steps reached (3,0xx of 3,000)
