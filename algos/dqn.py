@@ -122,7 +122,8 @@ class DQN:
         self.target_q.requires_grad_(False)
         # Fused Adam and foreach clipping: fewer kernel launches, which is most of the cost of a
         # small network's update on a CPU (~10% here) and on a GPU alike.
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
+        self._params = list(self.q.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps, fused=True)
         self.updates = 0
 
     @property
@@ -171,7 +172,7 @@ class DQN:
         loss, metrics, priorities = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.q.parameters(), self.config.max_grad_norm, foreach=True)
+        grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.updates += 1
         if self.updates % self.config.target_update_period == 0:

@@ -1,5 +1,6 @@
-"""An actor drives one env pool: receive a batch, pull weights when they moved, run the policy,
-feed the adder, send the actions back."""
+"""Actors. Every actor's finished batches pass through :class:`ActorBase` in the loop's process
+(episode statistics, the adder, the env-step count); an inline :class:`Actor` also runs EnvPool
+and the policy there, a process actor (``process_actor.py``) runs them in a worker process."""
 
 from __future__ import annotations
 
@@ -16,43 +17,18 @@ from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.weights import WeightStore
 
 
-class Actor:
-    def __init__(self, env: VecEnv, algo: Algorithm, store: WeightStore, adder: NStepAdder,
-                 recorder: Recorder, rng: np.random.Generator, pull_every: int):
-        self.env, self.algo, self.store, self.adder = env, algo, store, adder
-        self.recorder, self.rng, self.pull_every = recorder, rng, pull_every
-        self.network = algo.make_acting_network().eval()
-        self.weight_version = -1
-        self._batches = 0
-        n = env.num_envs
-        self._ep_return = np.zeros(n, np.float64)
-        self._ep_length = np.zeros(n, np.int64)
-        self._after_end = np.ones(n, bool)  # the first obs of an env follows a reset: not a step
+class ActorBase:
+    """What the loop's process does with each finished batch, wherever the actor runs."""
 
-    def pull(self) -> None:
-        version = self.store.pull(self.network, self.weight_version)
-        if version is not None:
-            self.weight_version = version
+    def __init__(self, num_envs: int, store: WeightStore, adder: NStepAdder, recorder: Recorder):
+        self.store, self.adder, self.recorder = store, adder, recorder
+        self.weight_version = 0
+        self._ep_return = np.zeros(num_envs, np.float64)
+        self._ep_length = np.zeros(num_envs, np.int64)
+        self._after_end = np.ones(num_envs, bool)  # the first obs of an env follows a reset: not a step
 
-    def act_batch(self, step: Step) -> np.ndarray:
-        """Everything an actor does with one received batch; returns the actions to send."""
-        ids = step.env_ids
-        timer = self.recorder.timer
-        t0 = time.perf_counter()
-        self._track_episodes(step)
-        self.adder.observe(ids, step.obs, step.rewards, step.terminated, step.truncated)
-        t1 = time.perf_counter()
-        if self._batches % self.pull_every == 0:
-            self.pull()
-        self._batches += 1
-        actions = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
-        self.adder.record_actions(ids, actions)
-        t2 = time.perf_counter()
-        timer.add("insert", t1 - t0)
-        timer.add("inference", t2 - t1)
-        return actions
-
-    def _track_episodes(self, step: Step) -> None:
+    def observe(self, step: Step) -> None:
+        """Episode statistics and the adder for one received batch."""
         ids = step.env_ids
         real = ~self._after_end[ids]  # the step right after an episode end is EnvPool's reset step
         self._ep_return[ids] += step.rewards * real
@@ -65,9 +41,43 @@ class Actor:
             self._ep_length[ended] = 0
         self._after_end[ids] = done
         self.recorder.env_steps += int(real.sum())
+        self.adder.observe(ids, step.obs, step.rewards, step.terminated, step.truncated)
+
+    def staleness(self) -> int:
+        return max(0, self.store.version - self.weight_version)
+
+
+class Actor(ActorBase):
+    """An inline actor: EnvPool's C++ threads step the envs, inference runs in the loop."""
+
+    def __init__(self, env: VecEnv, algo: Algorithm, store: WeightStore, adder: NStepAdder,
+                 recorder: Recorder, rng: np.random.Generator, pull_every: int):
+        super().__init__(env.num_envs, store, adder, recorder)
+        self.env, self.algo, self.rng, self.pull_every = env, algo, rng, pull_every
+        self.network = algo.make_acting_network().eval()
+        self._batches = 0
+
+    def act_batch(self, step: Step) -> np.ndarray:
+        """Everything an actor does with one received batch; returns the actions to send."""
+        timer = self.recorder.timer
+        t0 = time.perf_counter()
+        self.observe(step)
+        t1 = time.perf_counter()
+        if self._batches % self.pull_every == 0:
+            version = self.store.pull(self.network, self.weight_version)
+            if version is not None:
+                self.weight_version = version
+        self._batches += 1
+        actions = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
+        self.adder.record_actions(step.env_ids, actions)
+        t2 = time.perf_counter()
+        timer.add("insert", t1 - t0)
+        timer.add("inference", t2 - t1)
+        return actions
 
     async def run(self, limiter: RateLimiter, on_steps) -> None:
-        """The async-mode loop; ``on_steps`` is the trainer's hook for step-count triggers."""
+        """The async-mode loop; ``on_steps`` is the trainer's hook for step-count triggers and
+        returns True when the run is over."""
         self.env.async_reset()
         timer = self.recorder.timer
         try:
@@ -87,5 +97,5 @@ class Actor:
         except LimiterStopped:
             return
 
-    def staleness(self) -> int:
-        return max(0, self.store.version - self.weight_version)
+    def close(self) -> None:
+        self.env.close()

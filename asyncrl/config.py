@@ -54,6 +54,11 @@ class ActorsConfig(_Section):
     num_actors: int = Field(1, ge=1, description="Actor tasks, each driving its own env pool.")
     pull_every: int = Field(
         1, ge=1, description="Actor batches between checks for new weights in the weight store.")
+    placement: Literal["auto", "inline", "process"] = Field(
+        "auto",
+        description="Where actors run: inline (in the loop's process) or process (a worker process "
+        "each, handing batches over in shared memory). auto: process when the learner is on the "
+        "CPU, inline on CUDA and in serial mode.")
 
 
 class ReplayConfig(_Section):
@@ -144,6 +149,9 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.train.mode == "serial" and self.env.batch_size not in (None, self.env.num_envs):
             raise ValueError("serial mode steps all envs together: leave env.batch_size unset")
+        if self.train.mode == "serial" and self.actors.placement == "process":
+            raise ValueError("serial mode runs everything in one task: actors.placement must be "
+                             "inline or auto")
         if self.replay.min_size_to_sample > self.replay.capacity:
             raise ValueError(
                 f"replay.min_size_to_sample ({self.replay.min_size_to_sample}) exceeds "

@@ -84,16 +84,21 @@ class Learner:
         batch, keys = self.sample()
         self._finish([keys], self._update([batch]))
 
-    async def run(self) -> None:
+    async def run(self, in_thread: bool) -> None:
+        """The async-mode loop. ``in_thread``: run updates in a worker thread so that inline
+        actors keep acting meanwhile. Without it (process actors) updates run in the loop's own
+        thread, a chunk at a time: the workers act in their processes anyway, and two Python
+        threads of one process would contend for its GIL."""
         loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
+        if in_thread:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
         try:
             while True:
                 t0 = time.perf_counter()
                 await self.limiter.await_sample(self.batch_size)
                 self.recorder.timer.add("sample_wait", time.perf_counter() - t0)
-                # Take as many updates as the limiter allows now, up to a cap: one thread
-                # hand-off per chunk instead of one per update.
+                # Take as many updates as the limiter allows now, up to a cap: one hand-off (or
+                # one stretch of the loop) per chunk instead of one per update.
                 count = 1
                 while count < self.max_updates_per_call and self.limiter.try_sample(self.batch_size):
                     count += 1
@@ -101,14 +106,22 @@ class Learner:
                 async with self.lock:
                     if self.limiter.stopped:  # stopped while waiting for the lock: keep the state
                         return
-                    future = loop.run_in_executor(self._executor, self._update, [b for b, _ in drawn])
-                    try:
-                        priorities = await asyncio.shield(future)
-                    except asyncio.CancelledError:
-                        await asyncio.wait([future])  # never leave an update running on its own
-                        raise
+                    batches = [b for b, _ in drawn]
+                    if self._executor is None:
+                        priorities = self._update(batches)
+                    else:
+                        future = loop.run_in_executor(self._executor, self._update, batches)
+                        try:
+                            priorities = await asyncio.shield(future)
+                        except asyncio.CancelledError:
+                            await asyncio.wait([future])  # never leave an update running on its own
+                            raise
                 self._finish([k for _, k in drawn], priorities)
+                if self._executor is None:
+                    await asyncio.sleep(0)  # let the actors' batches in between chunks
         except LimiterStopped:
             return
         finally:
-            self._executor.shutdown(wait=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None

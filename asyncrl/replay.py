@@ -70,7 +70,11 @@ class Replay:
         self.positions = np.full(slots, -1, np.int64)  # tells a sampled key from a slot's new owner
         self.head = np.zeros(num_streams, np.int64)  # steps written per stream, unwrapped
         self.max_priority = 1.0  # what new transitions get, so each is likely sampled at least once
-        self._tree = SumTree(num_streams * per_stream)
+        # Prioritised: a sum-tree. Uniform: only which slots are sampleable, drawn by rejection
+        # within each stream's filled columns (a tree's upkeep and descent cost ~10x more).
+        self._tree = SumTree(num_streams * per_stream) if priority_exponent > 0 else None
+        self._sampleable = np.zeros(num_streams * per_stream, bool)
+        self._num_sampleable = 0
         self._rng = np.random.default_rng(seed)
 
     @property
@@ -88,7 +92,35 @@ class Replay:
 
     @property
     def num_sampleable(self) -> int:
-        return self._tree.num_nonzero
+        return self._tree.num_nonzero if self._tree is not None else self._num_sampleable
+
+    def _set_leaves(self, leaves: np.ndarray, values: np.ndarray) -> None:
+        if self._tree is not None:
+            self._tree.update(leaves, values)
+            return
+        # Leaves within one call are distinct (one slot per stream, or a slot and its n-th
+        # predecessor), so counting before and after is exact.
+        self._num_sampleable -= int(np.count_nonzero(self._sampleable[leaves]))
+        self._sampleable[leaves] = values > 0
+        self._num_sampleable += int(np.count_nonzero(self._sampleable[leaves]))
+
+    def _draw(self, n: int) -> np.ndarray:
+        if self._tree is not None:
+            return self._tree.sample(n, self._rng)
+        filled = np.minimum(self.head, self.stream_capacity)
+        ends = np.cumsum(filled)
+        found: list[np.ndarray] = []
+        missing = n
+        while missing:
+            # Most filled slots are sampleable (all but episode ends and each stream's newest
+            # n_step), so a few extra draws nearly always suffice in one round.
+            u = self._rng.integers(0, ends[-1], size=missing + missing // 4 + 8)
+            streams = np.searchsorted(ends, u, side="right")
+            leaves = streams * self.stream_capacity + (u - (ends[streams] - filled[streams]))
+            leaves = leaves[self._sampleable[leaves]][:missing]
+            found.append(leaves)
+            missing -= len(leaves)
+        return np.concatenate(found)
 
     def insert(self, streams, obs, actions, rewards, terminated, truncated, applied) -> None:
         """Write one step at the head of each of ``streams`` (distinct); the other arguments are
@@ -111,7 +143,7 @@ class Replay:
         ready_cols = ready % self.stream_capacity
         ready_values = np.where(self.applied[ready_streams, ready_cols],
                                 self.max_priority ** self.priority_exponent, 0.0)
-        self._tree.update(
+        self._set_leaves(
             np.concatenate([self._leaf(streams, cols), self._leaf(ready_streams, ready_cols)]),
             np.concatenate([np.zeros(len(streams)), ready_values]))
 
@@ -129,13 +161,13 @@ class Replay:
         ``discounts`` (on the bootstrap value: ``gamma**k`` after k steps, 0 when the episode
         terminated within them), ``next_obs``, ``weights`` (importance weights, max 1) and
         ``keys`` for :meth:`update_priorities` (``position * num_streams + stream``)."""
-        if self._tree.total <= 0:
+        if self.num_sampleable == 0:
             raise ValueError(
                 f"nothing to sample yet: a step becomes sampleable once {self.n_step} more "
                 f"steps of its stream are in replay ({self.size} steps held in "
                 f"{self.num_streams} streams)")
         n, per_stream = self.n_step, self.stream_capacity
-        leaves = self._tree.sample(batch_size, self._rng)
+        leaves = self._draw(batch_size)
         streams, cols = np.divmod(leaves, per_stream)
         starts = self.positions[streams, cols]
         rows = streams[:, None]
@@ -152,7 +184,7 @@ class Replay:
         discounts = np.where(terminal, 0.0, self.gamma ** k)
 
         weights = np.ones(batch_size, np.float32)
-        if self.priority_exponent > 0 and importance_exponent > 0:
+        if self._tree is not None and importance_exponent > 0:
             # (N * P(i)) ** -beta over its batch maximum, in which the N sampleable slots cancel.
             w = self._tree.get(leaves) ** -importance_exponent
             weights = (w / w.max()).astype(np.float32)
@@ -168,7 +200,7 @@ class Replay:
 
     def update_priorities(self, keys, priorities) -> None:
         """Set the priorities of sampled items; keys of slots overwritten since are ignored."""
-        if self.priority_exponent == 0:
+        if self._tree is None:
             return
         positions, streams = np.divmod(np.asarray(keys, np.int64), self.num_streams)
         cols = positions % self.stream_capacity
@@ -185,7 +217,8 @@ class Replay:
         """The replay's contents. The large arrays are views, not copies (a full Atari replay
         is tens of GB): serialise the dict before inserting again."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
-        state["priorities"] = self._tree.get(np.arange(self.capacity))
+        state["priorities"] = (self._tree.get(np.arange(self.capacity)) if self._tree is not None
+                               else self._sampleable.astype(np.float64))
         state["max_priority"] = self.max_priority
         return state
 
@@ -204,8 +237,12 @@ class Replay:
             getattr(self, name)[...] = state[name]
         # Parents are always the sum of their children, so rebuilding from the leaves gives back
         # the same tree, bit for bit.
-        self._tree = SumTree(self.capacity)
-        self._tree.update(np.arange(self.capacity), state["priorities"])
+        if self._tree is not None:
+            self._tree = SumTree(self.capacity)
+            self._tree.update(np.arange(self.capacity), state["priorities"])
+        else:
+            self._sampleable[:] = state["priorities"] > 0
+            self._num_sampleable = int(np.count_nonzero(self._sampleable))
         self.max_priority = float(state["max_priority"])
 
     def _leaf(self, streams: np.ndarray, cols: np.ndarray) -> np.ndarray:

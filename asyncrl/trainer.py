@@ -21,12 +21,13 @@ import torch
 from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
-from asyncrl.config import Config
+from asyncrl.config import Config, ConfigError
 from asyncrl.core import Algorithm, EnvSpec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
 from asyncrl.learner import Learner, pick_device
 from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink
+from asyncrl.process_actor import ProcessActor
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.weights import WeightStore
@@ -43,22 +44,41 @@ class Components:
     limiter: RateLimiter
     store: WeightStore
     recorder: Recorder
-    actors: list[Actor]
+    actors: list[Actor | ProcessActor]
     learner: Learner
+
+
+def placement(config: Config, device: torch.device, env_fn: Callable | None) -> str:
+    """Where actors run. auto: in worker processes when the learner is on the CPU (acting and
+    learning then do not share one GIL), inline when it is on CUDA (its launches barely hold the
+    GIL), and inline in serial mode or for an env given as a Python callable."""
+    chosen = config.actors.placement
+    if chosen == "auto":
+        inline = config.train.mode == "serial" or device.type == "cuda" or env_fn is not None
+        return "inline" if inline else "process"
+    if chosen == "process" and env_fn is not None:
+        raise ConfigError("actors.placement = 'process' needs an env id, not a Python env factory")
+    return chosen
 
 
 def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) -> Components:
     """Everything a run is made of, and what feeds what, in one screen."""
     algo_cls = registry.get(config.algo.name)
     algo_config = registry.algo_config(algo_cls, config.algo.params)
-    e, seed = config.env, config.train.seed
+    e, seed, n = config.env, config.train.seed, config.actors.num_actors
+    device = pick_device(config.learner.device)
+    where = placement(config, device, env_fn)
+    env_args = [dict(env_id=e.id, num_envs=e.num_envs, batch_size=e.batch_size,
+                     seed=seed + i * e.num_envs, kwargs=e.kwargs) for i in range(n)]
     envs: list[VecEnv] = []
     try:
-        for i in range(config.actors.num_actors):
-            envs.append(make_env(e.id, e.num_envs, e.batch_size, seed + i * e.num_envs, e.kwargs, env_fn))
-        spec = envs[0].spec
+        if where == "inline":
+            envs = [make_env(**args, env_fn=env_fn) for args in env_args]
+            spec = envs[0].spec
+        else:  # the workers make their own envs; one small env tells the spec (and checks the id)
+            with make_env(e.id, 1, None, seed, e.kwargs) as probe:
+                spec = probe.spec
         torch.manual_seed(seed)
-        device = pick_device(config.learner.device)
         algo = algo_cls(spec, algo_config, device)
     except BaseException:
         for env in envs:
@@ -73,13 +93,24 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
                           config.learner.batch_size)
     store = WeightStore.for_module(algo.acting_network)
     store.publish(algo.acting_network)
-    actors = [
-        Actor(env, algo, store,
-              NStepAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
-                         spec.action_shape, spec.action_dtype),
-              recorder, np.random.default_rng([seed, i]), config.actors.pull_every)
-        for i, env in enumerate(envs)
-    ]
+
+    def adder(i: int) -> NStepAdder:
+        return NStepAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
+                          spec.action_shape, spec.action_dtype)
+
+    actors: list[Actor | ProcessActor] = []
+    if where == "inline":
+        actors = [Actor(env, algo, store, adder(i), recorder, np.random.default_rng([seed, i]),
+                        config.actors.pull_every) for i, env in enumerate(envs)]
+    else:
+        try:
+            for i in range(n):
+                actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params,
+                                           store, adder(i), recorder, seed, config.actors.pull_every))
+        except BaseException:
+            for actor in actors:
+                actor.close()
+            raise
     total = config.train.total_env_steps
     beta0 = r.importance_exponent if r.prioritized else 0.0
 
@@ -172,7 +203,7 @@ class Trainer:
         async with asyncio.TaskGroup() as tg:
             for actor in c.actors:
                 tg.create_task(actor.run(c.limiter, self._on_steps))
-            tg.create_task(c.learner.run())
+            tg.create_task(c.learner.run(in_thread=isinstance(c.actors[0], Actor)))
             tg.create_task(self._evaluator())
             tg.create_task(self._checkpointer())
             tg.create_task(self._watch_stop())
@@ -288,7 +319,7 @@ class Trainer:
             "env_steps": rec.env_steps, "updates": rec.updates, "episodes": rec.episodes,
             "wall_s": rec.wall_s, "weight_version": c.store.version,
             "config": self.config.to_dict(),
-            "actor_rngs": [json.dumps(a.rng.bit_generator.state) for a in c.actors],
+            "actor_rngs": [json.dumps(a.rng.bit_generator.state) for a in c.actors if isinstance(a, Actor)],
         }
         state = {"algo": _to_cpu(c.algo.state_dict()), "torch_rng": torch.get_rng_state()}
         return manifest, state
@@ -339,7 +370,7 @@ class Trainer:
         if self.c is not None:
             self.c.limiter.stop()
             for actor in self.c.actors:
-                actor.env.close()
+                actor.close()
             self.c.recorder.close()
         if self._eval_env is not None:
             self._eval_env.close()

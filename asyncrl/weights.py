@@ -32,6 +32,18 @@ class WeightStore:
         # Odd while a publish is in progress; completed publishes = sequence // 2.
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.read_retries = 0  # per process: reads that overlapped a publish and were redone
+        self._params: tuple[nn.Module, list[torch.Tensor]] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_params": None}  # a child process gets the storage, not modules
+
+    def _parameters(self, module: nn.Module) -> list[torch.Tensor]:
+        # Walking a module's tree for its parameters costs more than copying a small network's
+        # weights: remember the last module's list (the learner publishes one module, an actor
+        # pulls into one).
+        if self._params is None or self._params[0] is not module:
+            self._params = (module, [p.detach() for p in module.parameters()])
+        return self._params[1]
 
     @classmethod
     def for_module(cls, module: nn.Module) -> WeightStore:
@@ -48,7 +60,7 @@ class WeightStore:
     def publish(self, module_or_flat: nn.Module | torch.Tensor) -> int:
         """Write the parameters (from any device) and return the new version."""
         if isinstance(module_or_flat, nn.Module):
-            sources = [p.detach() for p in module_or_flat.parameters()]
+            sources = self._parameters(module_or_flat)
         else:
             sources = [module_or_flat.detach().reshape(-1)]
         # Check the size before going odd: a publish that failed halfway would leave the
@@ -80,7 +92,7 @@ class WeightStore:
         """
         if self.version <= known_version:
             return None
-        params = [p.detach() for p in module.parameters()]
+        params = self._parameters(module)
         size = sum(p.numel() for p in params)
         if size != self.num_params:
             raise ValueError(f"pulling {self.num_params} parameters into a module of {size}")

@@ -4,9 +4,10 @@
 
 Measured side by side in one process, medians over repeats. Rows:
 - raw EnvPool stepping with random actions, same env settings as the run;
-- the default `run dqn` config, async and serial mode;
-- samples-per-insert 8 with batch 32 and a [64, 64] network (one update per 4 env steps, the
-  Stable-Baselines3 comparison setting), async and serial mode.
+- the default `run dqn` config: async mode with process actors (the CPU default), async mode with
+  inline actors, and serial mode;
+- the same three at samples-per-insert 8 with batch 32 and a [64, 64] network (one update per
+  4 env steps, the Stable-Baselines3 comparison setting).
 Evaluation is switched off so that the figures are training throughput only.
 """
 
@@ -44,8 +45,11 @@ def raw_envpool(num_envs: int, steps: int) -> float:
 
 
 def trainer_rate(mode: str, steps: int, extra: list[str]) -> tuple[float, float]:
-    overrides = [f"train.mode='{mode}'", f"train.total_env_steps={steps}", "train.eval_every=100000000",
-                 "train.checkpoint_every=100000000", "train.tensorboard=false", *extra]
+    placement = "inline" if mode == "serial" else mode
+    overrides = [f"train.mode='{'serial' if mode == 'serial' else 'async'}'",
+                 f"actors.placement='{placement}'", f"train.total_env_steps={steps}",
+                 "train.eval_every=100000000", "train.checkpoint_every=100000000",
+                 "train.target_return=1e9", "train.tensorboard=false", *extra]
     config = build_config(DQN.preset, overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         result = asyncio.run(Trainer(config, run_dir=run_dir).run())
@@ -64,13 +68,14 @@ def main() -> None:
         rows.setdefault(f"raw EnvPool, {num_envs} envs, random actions", []).append(
             (raw_envpool(num_envs, 200_000), float("nan")))
         for label, extra in (("default run dqn", []), ("spi 8, batch 32, [64, 64]", SB3_MATCHED)):
-            for mode in ("async", "serial"):
-                rows.setdefault(f"{label}, {mode}", []).append(trainer_rate(mode, args.steps, extra))
-    print(f"{'setting':<40} {'env steps/s':>12} {'updates/s':>10}   (median of {args.repeats})")
+            for mode in ("process", "inline", "serial"):
+                name = f"{label}, {'serial' if mode == 'serial' else 'async ' + mode}"
+                rows.setdefault(name, []).append(trainer_rate(mode, args.steps, extra))
+    print(f"{'setting':<46} {'env steps/s':>12} {'updates/s':>10}   (median of {args.repeats})")
     for label, runs in rows.items():
         sps = statistics.median(r[0] for r in runs)
         ups = statistics.median(r[1] for r in runs)
-        print(f"{label:<40} {sps:>12,.0f} {ups:>10,.0f}")
+        print(f"{label:<46} {sps:>12,.0f} {ups:>10,.0f}")
 
 
 if __name__ == "__main__":
