@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -262,7 +263,10 @@ def make_env(
             raise EnvError("kwargs cannot be used with env_fn; pass them inside env_fn")
         return _make_gymnasium(env_id, num_envs, batch_size, seed, env_fn)
     if env_id in envpool.list_all_envs():
-        return _make_envpool(env_id, num_envs, batch_size, seed, kwargs)
+        with warnings.catch_warnings():
+            # EnvPool declares float64 bounds on float32 boxes; gymnasium warns on every make.
+            warnings.filterwarnings("ignore", message=".*precision lowered by casting", category=UserWarning)
+            return _make_envpool(env_id, num_envs, batch_size, seed, kwargs)
     if env_id in gymnasium.registry:
         def make_one() -> gymnasium.Env:
             return gymnasium.make(env_id, **kwargs)

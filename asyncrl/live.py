@@ -50,6 +50,9 @@ class LiveView:
         table.add_row("limiter waits: insert / sample",
                       f"{queues['insert_wait_s']:.1f} s / {queues['sample_wait_s']:.1f} s")
         table.add_row("weight staleness", f"{queues['weight_staleness']:.0f} versions")
+        if rec.last_perf:  # where the time goes: the largest shares of wall time
+            top = sorted(rec.last_perf.items(), key=lambda kv: -kv[1])[:4]
+            table.add_row("time shares", ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in top))
         if rec.last_eval:
             table.add_row("last eval return",
                           f"{rec.last_eval['eval/return_mean']:.1f} +- {rec.last_eval['eval/return_std']:.1f}")

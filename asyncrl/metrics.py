@@ -51,6 +51,7 @@ class Recorder:
         self.losses: dict[str, Any] = {}
         self.queues: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self.last_perf: dict[str, float] = {}  # share of wall time per phase, from the last row
         self.timer = PhaseTimer()
         self.queue_probe: Callable[[], dict[str, float]] = dict
         self._wall_offset = wall_offset
@@ -95,8 +96,8 @@ class Recorder:
             row["charts/episodic_length"] = sum(self.lengths) / len(self.lengths)
         for key, value in self.losses.items():
             row[f"losses/{key}"] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        for phase, seconds in self.timer.drain().items():
-            row[f"perf/{phase}"] = seconds / dt
+        self.last_perf = {phase: seconds / dt for phase, seconds in self.timer.drain().items()}
+        row.update({f"perf/{phase}": share for phase, share in self.last_perf.items()})
         row.update({f"queues/{k}": float(v) for k, v in self.queue_probe().items()})
         self.emit(row)
         return row

@@ -223,6 +223,6 @@ def test_live_view_shows_progress(tmp_path):
     asyncio.run(main())
     text = buffer.getvalue()
     for label in ("env steps/s", "updates", "episodic return", "loss", "replay fill",
-                  "limiter waits", "weight staleness", "last eval return"):
+                  "limiter waits", "weight staleness", "time shares", "last eval return"):
         assert label in text
     assert "3,0" in text  # the final frame shows the env steps reached (3,0xx of 3,000)
