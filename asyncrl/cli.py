@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--run-dir", help="where to write (default runs/<algo>-<env>-<time>)")
     run.add_argument("--no-live", action="store_true", help="no live view; log lines only")
+    bench = sub.add_parser("bench", help="throughput of each part beside its ceiling (env, acting, "
+                           "learning, learner, end to end)")
+    bench.add_argument("algo", nargs="?", help="algorithm name (python -m asyncrl list)")
+    bench.add_argument("--env", help="env id, e.g. CartPole-v1, Pong-v5")
+    bench.add_argument("--config", help="a TOML config file (see configs/)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set env.num_envs=32")
+    bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per mode (default 5)")
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    bench.add_argument("--json", metavar="FILE", help="write raw figures, medians and ratios here")
+    bench.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                       help="one table per value of one config key, then a summary")
+    bench.set_defaults(resume=None)
     sub.add_parser("list", help="algorithms and shipped configs")
     return p
 
@@ -111,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "list":
             return _list(console)
+        if args.command == "bench":
+            from asyncrl import bench
+            return bench.command(args, console)
         config = resolve_config(args)
         with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
             result = runner.run(_run(args, config, console))
