@@ -61,9 +61,10 @@ class Learner:
         """Runs on the learner thread (or inline in serial mode)."""
         t0 = time.perf_counter()
         priorities = []
+        wanted = self.replay.prioritized  # uniform replay: no device-to-host copy per update
         for batch in batches:
             metrics, prio = self.algo.update(batch)
-            priorities.append(None if prio is None else prio.float().cpu().numpy())
+            priorities.append(prio.float().cpu().numpy() if wanted and prio is not None else None)
             self.recorder.losses = metrics
         t1 = time.perf_counter()
         self.recorder.timer.add("update", t1 - t0)

@@ -91,6 +91,10 @@ class Replay:
         return self.size / self.capacity
 
     @property
+    def prioritized(self) -> bool:
+        return self._tree is not None
+
+    @property
     def num_sampleable(self) -> int:
         return self._tree.num_nonzero if self._tree is not None else self._num_sampleable
 
