@@ -165,6 +165,7 @@ class Trainer:
         torch.set_num_threads(self.config.learner.torch_threads)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-io")
         self._eval_env: VecEnv | None = None
+        self._eval_net: torch.nn.Module | None = None
         try:
             # Envs and networks first: a bad env id or config leaves no run directory behind.
             self.c = c = build(self.config, recorder, self._env_fn)
@@ -286,10 +287,11 @@ class Trainer:
     # --- evaluation and checkpoints -----------------------------------------------------------
 
     def _eval_network(self) -> tuple[torch.nn.Module, int]:
-        """A copy of the latest published policy and its weight version."""
-        network = self.c.algo.make_acting_network().eval()
-        version = self.c.store.pull(network, -1)
-        return network, version
+        """The latest published policy, copied into the evaluator's own network, and its version."""
+        if self._eval_net is None:
+            self._eval_net = self.c.algo.make_acting_network().eval()
+        version = self.c.store.pull(self._eval_net, -1)
+        return self._eval_net, version
 
     def _eval_returns(self, network: torch.nn.Module) -> list[float]:
         e, t = self.config.env, self.config.train

@@ -32,18 +32,21 @@ class WeightStore:
         # Odd while a publish is in progress; completed publishes = sequence // 2.
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.read_retries = 0  # per process: reads that overlapped a publish and were redone
-        self._params: tuple[nn.Module, list[torch.Tensor]] | None = None
+        self._params: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_params": None}  # a child process gets the storage, not modules
+        return {**self.__dict__, "_params": {}}  # a child process gets the storage, not modules
 
     def _parameters(self, module: nn.Module) -> list[torch.Tensor]:
         # Walking a module's tree for its parameters costs more than copying a small network's
-        # weights: remember the last module's list (the learner publishes one module, an actor
-        # pulls into one).
-        if self._params is None or self._params[0] is not module:
-            self._params = (module, [p.detach() for p in module.parameters()])
-        return self._params[1]
+        # weights: remember the lists of the few modules that publish and pull (the learner's,
+        # an inline actor's, the evaluator's). Holding the module keeps its id from being reused.
+        entry = self._params.get(id(module))
+        if entry is None:
+            if len(self._params) >= 8:
+                self._params.pop(next(iter(self._params)))
+            entry = self._params[id(module)] = (module, [p.detach() for p in module.parameters()])
+        return entry[1]
 
     @classmethod
     def for_module(cls, module: nn.Module) -> WeightStore:
