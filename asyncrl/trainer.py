@@ -66,7 +66,10 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     algo_cls = registry.get(config.algo.name)
     algo_config = registry.algo_config(algo_cls, config.algo.params)
     e, seed, n = config.env, config.train.seed, config.actors.num_actors
-    device = pick_device(config.learner.device)
+    try:
+        device = pick_device(config.learner.device)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: learner.device: {exc}") from None
     where = placement(config, device, env_fn)
     env_args = [dict(env_id=e.id, num_envs=e.num_envs, batch_size=e.batch_size,
                      seed=seed + i * e.num_envs, kwargs=e.kwargs) for i in range(n)]
@@ -79,7 +82,10 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             with make_env(e.id, 1, None, seed, e.kwargs) as probe:
                 spec = probe.spec
         torch.manual_seed(seed)
-        algo = algo_cls(spec, algo_config, device)
+        try:
+            algo = algo_cls(spec, algo_config, device)
+        except ValueError as exc:  # the algorithm refuses this env (e.g. continuous actions)
+            raise ConfigError(f"{config.algo.name} cannot train on {e.id}: {exc}") from None
     except BaseException:
         for env in envs:
             env.close()

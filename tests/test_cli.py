@@ -49,6 +49,8 @@ ERROR_CASES = {
     "malformed_toml": (["run", "--config", "bad.toml"], "invalid TOML"),
     "resume_not_a_run": (["run", "--resume", "not_a_run", "--no-live"], "not a run directory"),
     "resume_all_corrupt": (["run", "--resume", "corrupt_run", "--no-live"], "no loadable checkpoint"),
+    "algo_cannot_run_env": (["run", "dqn", "--env", "Pendulum-v1", "--no-live", "--run-dir", "pend"],
+                            "discrete actions"),
 }
 
 
