@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -77,11 +78,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
-async def _run(args: argparse.Namespace, config: Config, console: Console) -> dict:
+async def _run(args: argparse.Namespace, config: Config, console: Console, seen: dict) -> dict:
     from asyncrl.live import LiveView
     from asyncrl.trainer import Trainer
 
     trainer = Trainer(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
+    seen["run_dir"] = trainer.run_dir
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     signals_seen = 0
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)])
+    seen: dict = {}  # what a crash report needs: the run directory, once there is one
     try:
         args = _parser().parse_args(argv)
         if args.command == "list":
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench.command(args, console)
         config = resolve_config(args)
         with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
-            result = runner.run(_run(args, config, console))
+            result = runner.run(_run(args, config, console, seen))
     except USAGE_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
@@ -143,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(inner, USAGE_ERRORS):
             console.print(f"[red]error:[/red] {inner}", highlight=False, soft_wrap=True)
             return 2
-        crash = Path("asyncrl-crash.log").resolve()
+        run_dir = seen.get("run_dir")
+        where = run_dir if run_dir is not None and run_dir.is_dir() else Path(tempfile.gettempdir())
+        crash = (where / "asyncrl-crash.log").resolve()
         crash.write_text("".join(traceback.format_exception(exc)))
         console.print(f"[red]error:[/red] {type(inner).__name__}: {inner} (traceback in {crash})",
                       highlight=False, soft_wrap=True)

@@ -122,8 +122,13 @@ class Recorder:
             listener(row)
 
     def close(self) -> None:
+        # Closing happens during cleanup, maybe after another error: a sink that cannot flush
+        # (its directory gone, a full disk) is reported, not raised over that error.
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - any sink's failure, reported alike
+                log.warning("closing the %s failed: %s", type(sink).__name__, exc)
 
 
 class JsonlSink:
