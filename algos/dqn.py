@@ -4,13 +4,15 @@ gradient-norm clipping. An MLP torso for vectors, the Nature CNN for Atari frame
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import logging
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
+from torch.func import functional_call, grad
 
 from algos.nets import NatureCNN, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
@@ -33,6 +35,11 @@ class DQNConfig(BaseModel):
     eps_decay_steps: int = Field(10_000, ge=1, description="Env steps over which epsilon decays linearly.")
     huber_delta: float = Field(1.0, gt=0, description="Huber loss threshold on the TD error.")
     max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the loss and its gradient: several times more updates/s for "
+        "small networks on a CPU, for seconds of compiling at the first update (falls back to "
+        "eager, with a warning, where compiling fails).")
 
     @field_validator("hidden")
     @classmethod
@@ -41,6 +48,8 @@ class DQNConfig(BaseModel):
             raise ValueError("must list positive layer widths")
         return hidden
 
+
+log = logging.getLogger("asyncrl")
 
 # --- networks ---------------------------------------------------------------------------------
 
@@ -100,6 +109,12 @@ class DQN:
         self._params = list(self.q.parameters())
         self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps, fused=True)
         self.updates = 0
+        # Compiled, the gradient comes from torch.func over the same loss: one graph for the
+        # forward passes, the loss and the backward, where eager autograd dispatches each op.
+        self._gradient = torch.compile(self._functional_gradient, fullgraph=True) if config.compile else None
+        self._compiled_ok = False
+        self._param_views = [p.detach() for p in self._params]  # share storage with the modules
+        self._target_views = [p.detach() for p in self.target_q.parameters()]
 
     @property
     def data(self) -> TransitionData:
@@ -126,13 +141,17 @@ class DQN:
             actions = np.where(explore, rng.integers(self.spec.num_actions, size=len(actions)), actions)
         return actions
 
-    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        q_all = self.q(batch.obs)
+    def loss(self, batch: TransitionBatch, q_net: Callable | None = None,
+             target_net: Callable | None = None) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+        """Huber TD loss; ``q_net`` / ``target_net`` default to the modules (the compiled
+        update passes functional versions of them)."""
+        q_net, target_net = q_net or self.q, target_net or self.target_q
+        q_all = q_net(batch.obs)
         q = q_all.gather(1, batch.actions.long().unsqueeze(1)).squeeze(1)
         with torch.no_grad():
-            next_target = self.target_q(batch.next_obs)
+            next_target = target_net(batch.next_obs)
             if self.config.double:
-                next_action = self.q(batch.next_obs).argmax(dim=1, keepdim=True)
+                next_action = q_net(batch.next_obs).argmax(dim=1, keepdim=True)
             else:
                 next_action = next_target.argmax(dim=1, keepdim=True)
             bootstrap = next_target.gather(1, next_action).squeeze(1)
@@ -144,16 +163,57 @@ class DQN:
         return loss, metrics, td_error.detach().abs()
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
-        loss, metrics, priorities = self.loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm, foreach=True)
+        compiled = self._compiled_gradient(batch) if self._gradient is not None else None
+        if compiled is not None:
+            metrics, priorities, grad_norm = compiled
+        else:
+            loss, metrics, priorities = self.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.updates += 1
         if self.updates % self.config.target_update_period == 0:
             self._update_target()
         metrics["grad_norm"] = grad_norm
         return metrics, priorities
+
+    def _functional_gradient(self, params: list[torch.Tensor], target_params: list[torch.Tensor],
+                             batch: TransitionBatch):
+        """Clipped gradients of :meth:`loss` with respect to ``params`` (the online network's)."""
+        names = [name for name, _ in self.q.named_parameters()]
+
+        def loss_of(ps: list[torch.Tensor]):
+            def q_net(x):
+                return functional_call(self.q, dict(zip(names, ps)), (x,))
+
+            def target_net(x):
+                return functional_call(self.target_q, dict(zip(names, target_params)), (x,))
+
+            loss, metrics, priorities = self.loss(batch, q_net, target_net)
+            return loss, (metrics, priorities)
+
+        grads, (metrics, priorities) = grad(loss_of, has_aux=True)(params)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
+        return [g * scale for g in grads], metrics, priorities, norm
+
+    def _compiled_gradient(self, batch: TransitionBatch):
+        """Sets the parameters' gradients; returns (metrics, priorities, grad norm), or None
+        when compiling failed at the first update (the caller then updates eagerly)."""
+        try:
+            grads, metrics, priorities, norm = self._gradient(self._param_views, self._target_views, batch)
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op: stay correct
+            if self._compiled_ok:
+                raise
+            log.warning("torch.compile of the DQN update failed (%s); updating eagerly",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._gradient = None
+            return None
+        self._compiled_ok = True
+        for p, g in zip(self._params, grads):
+            p.grad = g
+        return metrics, priorities, norm
 
     @torch.no_grad()
     def _update_target(self) -> None:

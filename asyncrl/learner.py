@@ -40,22 +40,26 @@ class Learner:
         self._pin = device.type == "cuda"
         self._executor: ThreadPoolExecutor | None = None
 
-    def sample(self) -> tuple[TransitionBatch, np.ndarray]:
+    def sample(self, count: int = 1) -> list[tuple[TransitionBatch, np.ndarray]]:
+        """``count`` batches and their replay keys, drawn in one replay call and moved to the
+        device in one copy per field: the fixed cost of a draw, paid once per chunk."""
         timer = self.recorder.timer
         t0 = time.perf_counter()
-        data = self.replay.sample(self.batch_size, self.importance_exponent())
+        data = self.replay.sample(self.batch_size, self.importance_exponent(), batches=count)
         t1 = time.perf_counter()
-        tensors = {}
+        fields = {}
         for name in _FIELDS:
             tensor = torch.from_numpy(data[name])
             if self._pin:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             elif tensor.device != self.device:
                 tensor = tensor.to(self.device)
-            tensors[name] = tensor
+            fields[name] = tensor.view(count, self.batch_size, *tensor.shape[1:]).unbind(0)
+        keys = np.split(data["keys"], count)
         timer.add("sample", t1 - t0)
         timer.add("h2d", time.perf_counter() - t1)
-        return TransitionBatch(**tensors), data["keys"]
+        return [(TransitionBatch(**{name: fields[name][i] for name in _FIELDS}), keys[i])
+                for i in range(count)]
 
     def _update(self, batches: list[TransitionBatch]) -> list[np.ndarray | None]:
         """Runs on the learner thread (or inline in serial mode)."""
@@ -82,17 +86,19 @@ class Learner:
 
     def step(self) -> None:
         """One update inline (serial mode); the caller has the limiter's permission."""
-        batch, keys = self.sample()
+        ((batch, keys),) = self.sample()
         self._finish([keys], self._update([batch]))
 
     async def run(self, in_thread: bool) -> None:
         """The async-mode loop. ``in_thread``: run updates in a worker thread so that inline
         actors keep acting meanwhile. Without it (process actors) updates run in the loop's own
         thread, a chunk at a time: the workers act in their processes anyway, and two Python
-        threads of one process would contend for its GIL."""
+        threads of one process would contend for its GIL. The first chunk runs in the thread
+        either way: it may take seconds (an algorithm compiling its update, lazy allocations)
+        and must not stall the loop meanwhile."""
         loop = asyncio.get_running_loop()
-        if in_thread:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
+        first = True
         try:
             while True:
                 t0 = time.perf_counter()
@@ -103,12 +109,12 @@ class Learner:
                 count = 1
                 while count < self.max_updates_per_call and self.limiter.try_sample(self.batch_size):
                     count += 1
-                drawn = [self.sample() for _ in range(count)]
+                drawn = self.sample(count)
                 async with self.lock:
                     if self.limiter.stopped:  # stopped while waiting for the lock: keep the state
                         return
                     batches = [b for b, _ in drawn]
-                    if self._executor is None:
+                    if not (in_thread or first):
                         priorities = self._update(batches)
                     else:
                         future = loop.run_in_executor(self._executor, self._update, batches)
@@ -118,7 +124,8 @@ class Learner:
                             await asyncio.wait([future])  # never leave an update running on its own
                             raise
                 self._finish([k for _, k in drawn], priorities)
-                if self._executor is None:
+                first = False
+                if not in_thread:
                     await asyncio.sleep(0)  # let the actors' batches in between chunks
         except LimiterStopped:
             return

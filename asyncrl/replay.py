@@ -160,18 +160,24 @@ class Replay:
         # Not yet sampleable (it has no successor), so its sum-tree leaf is already 0.
         self.applied[streams, (self.head[streams] - 1) % self.stream_capacity] = False
 
-    def sample(self, batch_size: int, importance_exponent: float = 0.0) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, importance_exponent: float = 0.0,
+               batches: int = 1) -> dict[str, np.ndarray]:
         """A batch of n-step transitions: ``obs, actions, rewards`` (discounted n-step return),
         ``discounts`` (on the bootstrap value: ``gamma**k`` after k steps, 0 when the episode
         terminated within them), ``next_obs``, ``weights`` (importance weights, max 1) and
-        ``keys`` for :meth:`update_priorities` (``position * num_streams + stream``)."""
+        ``keys`` for :meth:`update_priorities` (``position * num_streams + stream``).
+
+        ``batches`` > 1 draws that many batches in one call (their rows one after the other,
+        importance weights normalised within each): the same as as many calls with no priority
+        update between them, for one call's overhead."""
         if self.num_sampleable == 0:
             raise ValueError(
                 f"nothing to sample yet: a step becomes sampleable once {self.n_step} more "
                 f"steps of its stream are in replay ({self.size} steps held in "
                 f"{self.num_streams} streams)")
         n, per_stream = self.n_step, self.stream_capacity
-        leaves = self._draw(batch_size)
+        total = batch_size * batches
+        leaves = self._draw(total)
         streams, cols = np.divmod(leaves, per_stream)
         starts = self.positions[streams, cols]
         rows = streams[:, None]
@@ -181,17 +187,17 @@ class Replay:
         stops = (self.terminated[rows, steps] | self.truncated[rows, steps]
                  | ~self.applied[rows, successors])
         k = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, n)
-        batch = np.arange(batch_size)
+        batch = np.arange(total)
         in_return = np.arange(n) < k[:, None]
         rewards = (self.rewards[rows, steps] * in_return) @ self.gamma ** np.arange(n)
         terminal = self.terminated[streams, steps[batch, k - 1]]
         discounts = np.where(terminal, 0.0, self.gamma ** k)
 
-        weights = np.ones(batch_size, np.float32)
+        weights = np.ones(total, np.float32)
         if self._tree is not None and importance_exponent > 0:
             # (N * P(i)) ** -beta over its batch maximum, in which the N sampleable slots cancel.
-            w = self._tree.get(leaves) ** -importance_exponent
-            weights = (w / w.max()).astype(np.float32)
+            w = (self._tree.get(leaves) ** -importance_exponent).reshape(batches, -1)
+            weights = (w / w.max(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
         return {
             "obs": self.obs[streams, cols],
             "actions": self.actions[streams, cols],

@@ -112,6 +112,11 @@ WORKLOADS = (
                  Variant("asyncrl, 8 envs, plain DQN (SB3's features)",
                          (*DQN_MATCHED, "algo.double=false", "algo.dueling=false", "algo.n_step=1")),
                  Variant("asyncrl, 8 envs, double dueling 3-step", DQN_MATCHED),
+                 Variant("asyncrl, 8 envs, plain DQN, compiled update",
+                         (*DQN_MATCHED, "algo.double=false", "algo.dueling=false", "algo.n_step=1",
+                          "algo.compile=true")),
+                 Variant("asyncrl, 8 envs, double dueling 3-step, compiled update",
+                         (*DQN_MATCHED, "algo.compile=true")),
              )),
     # The asyncrl overrides below are engine settings only; the algorithm's own hyperparameters
     # join them when the algorithm lands.

@@ -58,6 +58,41 @@ def test_updates_fit_a_fixed_batch_and_copy_the_target():
     assert priorities.shape == (5,) and torch.all(priorities >= 0)
 
 
+def test_compiled_update_matches_the_eager_one():
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        algo = DQN(VECTOR, DQNConfig(compile=compiled, target_update_period=2), torch.device("cpu"))
+        out = [algo.update(batch(seed=i)) for i in range(4)]
+        runs.append((algo, out))
+    (eager, eager_out), (compiled, compiled_out) = runs
+    assert compiled._gradient is not None, "compiling failed here: the eager fallback ran"
+    for (m0, p0), (m1, p1) in zip(eager_out, compiled_out):
+        torch.testing.assert_close(m1["td_loss"], m0["td_loss"])
+        torch.testing.assert_close(m1["grad_norm"], m0["grad_norm"])
+        torch.testing.assert_close(p1, p0)
+    for a, b in zip(eager.q.parameters(), compiled.q.parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(eager.target_q.parameters(), compiled.target_q.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_failed_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler\nlong details")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    algo = DQN(VECTOR, DQNConfig(compile=True), torch.device("cpu"))
+    before = [p.clone() for p in algo.q.parameters()]
+    metrics, _ = algo.update(batch())
+    assert algo._gradient is None and "no C++ compiler" in caplog.text
+    assert "long details" not in caplog.text
+    assert any(not torch.equal(a, b) for a, b in zip(before, algo.q.parameters()))
+    assert torch.isfinite(metrics["td_loss"])
+
+
 def test_polyak_target_moves_part_way():
     algo = DQN(VECTOR, DQNConfig(target_update_period=1, tau=0.1), torch.device("cpu"))
     before = [p.clone() for p in algo.target_q.parameters()]

@@ -180,6 +180,24 @@ def test_importance_weights_follow_the_formula():
     assert (uniform.sample(64, importance_exponent=1.0)["weights"] == 1).all()
 
 
+def test_several_batches_in_one_draw_normalise_weights_per_batch():
+    replay = make_replay(20, priority_exponent=0.7)
+    insert_steps(replay, 0, [PLAIN] * 11)
+    priorities = np.linspace(0.1, 3.0, 10)
+    replay.update_priorities(np.arange(10), priorities)
+    drawn = replay.sample(16, importance_exponent=0.4, batches=3)
+    assert all(len(v) == 48 for v in drawn.values())
+    leaves = (priorities + replay.priority_eps) ** 0.7
+    weights = (leaves[drawn["keys"]] / leaves.sum() * 10) ** -0.4
+    for block in range(3):  # each batch's weights over that batch's own maximum
+        rows = slice(16 * block, 16 * (block + 1))
+        np.testing.assert_allclose(drawn["weights"][rows], weights[rows] / weights[rows].max(), rtol=1e-6)
+    # The rows themselves are n-step transitions like a single batch's.
+    streams, positions = decode(replay, drawn["keys"])
+    np.testing.assert_array_equal(drawn["obs"][:, 1], positions)
+    np.testing.assert_array_equal(drawn["next_obs"][:, 1], positions + 1)
+
+
 def all_arrays(obj, seen=None):
     seen = set() if seen is None else seen
     if id(obj) in seen:
