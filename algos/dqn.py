@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.func import functional_call, grad
+from torch.optim.adam import adam
 
 from algos.nets import NatureCNN, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
@@ -109,12 +110,16 @@ class DQN:
         self._params = list(self.q.parameters())
         self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps, fused=True)
         self.updates = 0
-        # Compiled, the gradient comes from torch.func over the same loss: one graph for the
-        # forward passes, the loss and the backward, where eager autograd dispatches each op.
-        self._gradient = torch.compile(self._functional_gradient, fullgraph=True) if config.compile else None
+        # Compiled, one graph does the forward passes, the loss, its gradient (torch.func over
+        # the same loss), the clipping and torch's own Adam step on the optimizer's own state,
+        # where eager autograd and torch.optim dispatch each op from Python (for a small network
+        # that dispatching is most of an update's cost on a CPU).
+        self._compiled = torch.compile(self._functional_update, fullgraph=True) if config.compile else None
         self._compiled_ok = False
         self._param_views = [p.detach() for p in self._params]  # share storage with the modules
         self._target_views = [p.detach() for p in self.target_q.parameters()]
+        if config.compile:
+            self._init_adam_state()
 
     @property
     def data(self) -> TransitionData:
@@ -163,15 +168,15 @@ class DQN:
         return loss, metrics, td_error.detach().abs()
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
-        compiled = self._compiled_gradient(batch) if self._gradient is not None else None
-        if compiled is not None:
-            metrics, priorities, grad_norm = compiled
+        stepped = self._compiled_step(batch) if self._compiled is not None else None
+        if stepped is not None:
+            metrics, priorities, grad_norm = stepped
         else:
             loss, metrics, priorities = self.loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm, foreach=True)
-        self.optimizer.step()
+            self.optimizer.step()
         self.updates += 1
         if self.updates % self.config.target_update_period == 0:
             self._update_target()
@@ -198,22 +203,44 @@ class DQN:
         scale = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
         return [g * scale for g in grads], metrics, priorities, norm
 
-    def _compiled_gradient(self, batch: TransitionBatch):
-        """Sets the parameters' gradients; returns (metrics, priorities, grad norm), or None
-        when compiling failed at the first update (the caller then updates eagerly)."""
+    def _functional_update(self, params: list[torch.Tensor], target_params: list[torch.Tensor],
+                           batch: TransitionBatch, adam_state: tuple[list[torch.Tensor], ...]):
+        """:meth:`_functional_gradient`, then torch's Adam on ``params`` in place (compiled)."""
+        grads, metrics, priorities, norm = self._functional_gradient(params, target_params, batch)
+        exp_avgs, exp_avg_sqs, steps = adam_state
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, capturable=True, foreach=False,
+             differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+             decoupled_weight_decay=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        return metrics, priorities, norm
+
+    def _compiled_step(self, batch: TransitionBatch):
+        """One compiled update; returns (metrics, priorities, grad norm), or None when compiling
+        failed at the first update (the caller then updates eagerly)."""
         try:
-            grads, metrics, priorities, norm = self._gradient(self._param_views, self._target_views, batch)
+            result = self._compiled(self._param_views, self._target_views, batch, self._adam_state)
         except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op: stay correct
             if self._compiled_ok:
                 raise
             log.warning("torch.compile of the DQN update failed (%s); updating eagerly",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._gradient = None
+            self._compiled = None
             return None
         self._compiled_ok = True
-        for p, g in zip(self._params, grads):
-            p.grad = g
-        return metrics, priorities, norm
+        return result
+
+    def _init_adam_state(self) -> None:
+        """Adam's state as torch.optim.Adam would create it at its first step (so that its
+        ``state_dict`` stays the standard one), and the lists the compiled update steps."""
+        state = self.optimizer.state
+        for p in self._params:
+            if not state[p]:
+                state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        self._adam_state = tuple([state[p][key] for p in self._params]
+                                 for key in ("exp_avg", "exp_avg_sq", "step"))
 
     @torch.no_grad()
     def _update_target(self) -> None:
@@ -235,5 +262,7 @@ class DQN:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.q.load_state_dict(state["q"])
         self.target_q.load_state_dict(state["target_q"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # new state tensors: list them again
         self.updates = int(state["updates"])
+        if self.config.compile:
+            self._init_adam_state()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_compiled_update_matches_the_eager_one():
         out = [algo.update(batch(seed=i)) for i in range(4)]
         runs.append((algo, out))
     (eager, eager_out), (compiled, compiled_out) = runs
-    assert compiled._gradient is not None, "compiling failed here: the eager fallback ran"
+    assert compiled._compiled is not None, "compiling failed here: the eager fallback ran"
     for (m0, p0), (m1, p1) in zip(eager_out, compiled_out):
         torch.testing.assert_close(m1["td_loss"], m0["td_loss"])
         torch.testing.assert_close(m1["grad_norm"], m0["grad_norm"])
@@ -74,6 +75,14 @@ def test_compiled_update_matches_the_eager_one():
     for a, b in zip(eager.q.parameters(), compiled.q.parameters()):
         torch.testing.assert_close(a, b)
     for a, b in zip(eager.target_q.parameters(), compiled.target_q.parameters()):
+        torch.testing.assert_close(a, b)
+    # Adam's state is torch's own: a compiled learner's checkpoint resumes an eager one and back.
+    for key, value in eager.optimizer.state_dict()["state"][0].items():
+        torch.testing.assert_close(compiled.optimizer.state_dict()["state"][0][key], value)
+    compiled.load_state_dict(copy.deepcopy(eager.state_dict()))  # as from a file: no shared tensors
+    eager_next, compiled_next = eager.update(batch(seed=9)), compiled.update(batch(seed=9))
+    torch.testing.assert_close(compiled_next[1], eager_next[1])
+    for a, b in zip(eager.q.parameters(), compiled.q.parameters()):
         torch.testing.assert_close(a, b)
 
 
@@ -87,7 +96,7 @@ def test_a_failed_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog
     algo = DQN(VECTOR, DQNConfig(compile=True), torch.device("cpu"))
     before = [p.clone() for p in algo.q.parameters()]
     metrics, _ = algo.update(batch())
-    assert algo._gradient is None and "no C++ compiler" in caplog.text
+    assert algo._compiled is None and "no C++ compiler" in caplog.text
     assert "long details" not in caplog.text
     assert any(not torch.equal(a, b) for a, b in zip(before, algo.q.parameters()))
     assert torch.isfinite(metrics["td_loss"])
