@@ -85,7 +85,9 @@ class LearnerConfig(_Section):
         description="torch intra-op threads. One is fastest for small networks on few cores "
         "(see BENCHMARKS.md); raise it for large CPU networks.")
     max_updates_per_call: int = Field(
-        8, ge=1, description="Updates run per hand-off to the learner thread, when the limiter allows.")
+        16, ge=1,
+        description="Most updates per learner chunk (batches drawn from replay in one call, one "
+        "hand-off to the learner thread), when the limiter allows that many.")
 
     @field_validator("device")
     @classmethod

@@ -18,6 +18,9 @@ from asyncrl.replay import Replay
 from asyncrl.weights import WeightStore
 
 _FIELDS = ("obs", "actions", "rewards", "discounts", "next_obs", "weights")
+# Longest a chunk of updates may hold the event loop's thread (process actors): the loop's other
+# tasks, and a host application's, wait meanwhile.
+_LOOP_SLICE_S = 0.008
 
 
 def pick_device(name: str) -> torch.device:
@@ -39,6 +42,7 @@ class Learner:
         self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
         self._pin = device.type == "cuda"
         self._executor: ThreadPoolExecutor | None = None
+        self._seconds_per_update = 0.0  # of the last chunk
 
     def sample(self, count: int = 1) -> list[tuple[TransitionBatch, np.ndarray]]:
         """``count`` batches and their replay keys, drawn in one replay call and moved to the
@@ -72,6 +76,7 @@ class Learner:
             self.recorder.losses = metrics
         t1 = time.perf_counter()
         self.recorder.timer.add("update", t1 - t0)
+        self._seconds_per_update = (t1 - t0) / len(batches)
         updates = self.recorder.updates + len(batches)
         if updates // self.publish_every > self.recorder.updates // self.publish_every:
             self.store.publish(self.algo.acting_network)
@@ -106,8 +111,11 @@ class Learner:
                 self.recorder.timer.add("sample_wait", time.perf_counter() - t0)
                 # Take as many updates as the limiter allows now, up to a cap: one hand-off (or
                 # one stretch of the loop) per chunk instead of one per update.
+                cap = self.max_updates_per_call
+                if not in_thread and self._seconds_per_update > 0:
+                    cap = max(1, min(cap, int(_LOOP_SLICE_S / self._seconds_per_update)))
                 count = 1
-                while count < self.max_updates_per_call and self.limiter.try_sample(self.batch_size):
+                while count < cap and self.limiter.try_sample(self.batch_size):
                     count += 1
                 drawn = self.sample(count)
                 async with self.lock:
