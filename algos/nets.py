@@ -1,9 +1,14 @@
-"""Network pieces shared by the algorithms: an MLP torso for vectors, the Nature CNN for frames."""
+"""Network pieces shared by the algorithms: an MLP torso for vectors, the Nature CNN for frames,
+twin Q critics for continuous actions and the map from [-1, 1] to an action space's bounds."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from asyncrl.core import EnvSpec
 
 
 class NatureCNN(nn.Module):
@@ -63,7 +68,20 @@ class EnsembleMLP(nn.Module):
         return h
 
 
-def action_bounds(spec) -> tuple[torch.Tensor, torch.Tensor]:
+class TwinCritic(nn.Module):
+    """Two Q(obs, action) networks as one ensemble: (2, batch) values in one batched call."""
+
+    def __init__(self, spec: EnvSpec, hidden: list[int]):
+        super().__init__()
+        in_features = math.prod(spec.obs_shape) + math.prod(spec.action_shape)
+        self.q = EnsembleMLP(2, in_features, hidden, 1)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        x = torch.cat([obs.float().flatten(1), action.flatten(1)], dim=1)
+        return self.q(x, frozen).squeeze(-1)
+
+
+def action_bounds(spec: EnvSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, centre) mapping [-1, 1] onto a bounded continuous action space, as float32.
     Raises ValueError for discrete or unbounded action spaces."""
     if spec.action_kind != "continuous":

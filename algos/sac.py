@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from algos.nets import EnsembleMLP, action_bounds, mlp
+from algos.nets import TwinCritic, action_bounds, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -88,19 +88,6 @@ class SquashedGaussianPolicy(nn.Module):
         log_det = torch.log(self.scale) + 2 * (math.log(2) - pre_squash - F.softplus(-2 * pre_squash))
         action = torch.tanh(pre_squash) * self.scale + self.centre
         return action, (gaussian - log_det).sum(-1)
-
-
-class TwinCritic(nn.Module):
-    """Two Q(obs, action) networks as one ensemble: (2, batch) values in one batched call."""
-
-    def __init__(self, spec: EnvSpec, hidden: list[int]):
-        super().__init__()
-        in_features = int(np.prod(spec.obs_shape)) + int(np.prod(spec.action_shape))
-        self.q = EnsembleMLP(2, in_features, hidden, 1)
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        x = torch.cat([obs.float().flatten(1), action.flatten(1)], dim=1)
-        return self.q(x, frozen).squeeze(-1)
 
 
 # --- the algorithm ----------------------------------------------------------------------------
