@@ -159,25 +159,32 @@ class SAC:
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.detach().exp()
 
+    @torch.no_grad()
+    def critic_target(self, batch: TransitionBatch) -> torch.Tensor:
+        """r + discount * (min of the target critics - alpha * log-prob) at a fresh policy action."""
+        next_action, next_log_prob = self.actor.sample(batch.next_obs)
+        next_q = self.target_critic(batch.next_obs, next_action).min(dim=0).values
+        return batch.rewards + batch.discounts * (next_q - self.alpha * next_log_prob)
+
+    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy loss, log-probs). The critics are read through detached weights: the policy
+        loss trains the policy alone."""
+        action, log_prob = self.actor.sample(obs)
+        q_policy = self.critic(obs, action, frozen=True).min(dim=0).values
+        return (self.alpha * log_prob - q_policy).mean(), log_prob
+
     def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        alpha = self.alpha
-        with torch.no_grad():
-            next_action, next_log_prob = self.actor.sample(batch.next_obs)
-            next_q = self.target_critic(batch.next_obs, next_action).min(dim=0).values
-            target = batch.rewards + batch.discounts * (next_q - alpha * next_log_prob)
+        target = self.critic_target(batch)
         q = self.critic(batch.obs, batch.actions)  # (2, batch)
         td_error = target - q
         critic_loss = (batch.weights * td_error.pow(2)).mean(dim=1).sum()
-
-        action, log_prob = self.actor.sample(batch.obs)
-        q_policy = self.critic(batch.obs, action, frozen=True).min(dim=0).values
-        actor_loss = (alpha * log_prob - q_policy).mean()
+        actor_loss, log_prob = self.policy_loss(batch.obs)
         loss = critic_loss + actor_loss
         if self.config.autotune_alpha:
             alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
             loss = loss + alpha_loss
         metrics = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
-                   "alpha": alpha, "entropy": -log_prob.detach().mean(),
+                   "alpha": self.alpha, "entropy": -log_prob.detach().mean(),
                    "q_values": q.detach().mean()}
         return loss, metrics, td_error.detach().abs().mean(dim=0)
 

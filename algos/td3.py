@@ -134,20 +134,28 @@ class TD3:
         low, high = self.target_actor.centre - scale, self.target_actor.centre + scale
         return torch.max(torch.min(action + noise * scale, high), low)
 
+    @torch.no_grad()
+    def critic_target(self, batch: TransitionBatch) -> torch.Tensor:
+        """r + discount * min of the target critics at the smoothed target action."""
+        next_q = self.target_critic(batch.next_obs, self.smoothed_target_action(batch.next_obs))
+        return batch.rewards + batch.discounts * next_q.min(dim=0).values
+
+    def policy_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        """Minus the first critic at the policy's action, as in the paper. The critic is read
+        through detached weights: the policy loss trains the policy alone."""
+        return -self.critic(obs, self.actor(obs), frozen=True)[0].mean()
+
     def loss(self, batch: TransitionBatch, policy_step: bool) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        with torch.no_grad():
-            next_action = self.smoothed_target_action(batch.next_obs)
-            next_q = self.target_critic(batch.next_obs, next_action).min(dim=0).values
-            target = batch.rewards + batch.discounts * next_q
+        target = self.critic_target(batch)
         q = self.critic(batch.obs, batch.actions)  # (2, batch)
         td_error = target - q
         loss = critic_loss = (batch.weights * td_error.pow(2)).mean(dim=1).sum()
-        metrics: Metrics = {"critic_loss": critic_loss.detach(), "q_values": q.detach().mean()}
-        if policy_step:  # the policy climbs the first critic, as in the paper
-            actor_loss = -self.critic(batch.obs, self.actor(batch.obs), frozen=True)[0].mean()
+        if policy_step:
+            actor_loss = self.policy_loss(batch.obs)
             loss = loss + actor_loss
             self._actor_loss = actor_loss.detach()
-        metrics["actor_loss"] = self._actor_loss
+        metrics = {"critic_loss": critic_loss.detach(), "actor_loss": self._actor_loss,
+                   "q_values": q.detach().mean()}
         return loss, metrics, td_error.detach().abs().mean(dim=0)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
