@@ -1,7 +1,7 @@
 """asyncrl beside Stable-Baselines3: env steps/s of the same work, in one process, interleaved.
 
     pip install -e ".[bench]"
-    python bench/peers.py [--steps N] [--repeats K] [--threads auto|N] [--json FILE]
+    python bench/peers.py [--steps N] [--repeats K] [--threads auto|N] [--algos dqn,sac] [--json FILE]
 
 Each workload is one entry of WORKLOADS: a name, how to build the SB3 model, and the asyncrl
 variants (config overrides on the algorithm's preset). For every row the torch thread count is
@@ -15,6 +15,9 @@ Figures are medians over repeats.
 - asyncrl: ``env_steps / train_wall_s`` of ``Trainer.run()``, training only: no evaluation or
   checkpoint during the run, and ``train_wall_s`` stops before the final ones. It does count the
   run's start (spawning the actor worker, which imports torch and EnvPool: seconds on 2 cores).
+
+SAC on Pendulum-v1 is matched too: one env each side, [256, 256] networks, batch 256, lr 1e-3,
+100 random steps, one update per env step.
 
 DQN on CartPole-v1 is the matched workload: SB3 steps one gymnasium env, asyncrl its preset's 8
 EnvPool envs, both with a [64, 64] network, batch 32 and one update per 4 env steps. A workload
@@ -84,12 +87,14 @@ def sb3_ppo_cartpole(seed: int) -> Any:
 
 
 def sb3_sac_pendulum(seed: int) -> Any:
-    """RL-Zoo's Pendulum-v1 settings; SAC's defaults make one update per env step."""
+    """RL-Zoo's Pendulum-v1 settings; SAC's defaults: [256, 256], batch 256, 100 random steps,
+    one update per env step, a learned temperature."""
     import gymnasium as gym
     from stable_baselines3 import SAC
 
     return SAC("MlpPolicy", gym.make("Pendulum-v1"), learning_rate=1e-3, train_freq=1,
-               gradient_steps=1, seed=seed, device="cpu", verbose=0)
+               gradient_steps=1, batch_size=256, learning_starts=100,
+               policy_kwargs=dict(net_arch=[256, 256]), seed=seed, device="cpu", verbose=0)
 
 
 def sb3_updates(model: Any) -> int:
@@ -105,6 +110,12 @@ DQN_MATCHED = ("algo.hidden=[64, 64]", "learner.batch_size=32",
                "replay.samples_per_insert=8",  # 32 samples per 4 inserts: an update per 4 steps
                "replay.min_size_to_sample=1000",
                "algo.target_update_period=250")  # SB3's 1000 env steps at an update per 4
+
+SAC_MATCHED = ("env.id='Pendulum-v1'", "env.num_envs=1", "algo.hidden=[256, 256]",
+               "algo.actor_lr=1e-3", "algo.critic_lr=1e-3", "algo.alpha_lr=1e-3",
+               "algo.random_steps=100", "learner.batch_size=256",
+               "replay.samples_per_insert=256",  # 256 samples per insert: an update per env step
+               "replay.min_size_to_sample=100")
 
 WORKLOADS = (
     Workload("DQN CartPole-v1, [64, 64], batch 32, an update per 4 env steps", "dqn", 30_000,
@@ -125,11 +136,9 @@ WORKLOADS = (
                  Variant("asyncrl, 8 envs", ("env.id='CartPole-v1'", "env.num_envs=8",
                                              "learner.batch_size=256")),
              )),
-    Workload("SAC Pendulum-v1, an update per env step", "sac", 20_000,
-             "SB3 SAC, 1 env", sb3_sac_pendulum, sb3_updates, (
-                 Variant("asyncrl, 1 env", ("env.id='Pendulum-v1'", "env.num_envs=1",
-                                            "learner.batch_size=256", "replay.samples_per_insert=256",
-                                            "replay.min_size_to_sample=100")),
+    Workload("SAC Pendulum-v1, [256, 256], batch 256, an update per env step", "sac", 5_000,
+             "SB3 SAC, 1 gymnasium env", sb3_sac_pendulum, sb3_updates, (
+                 Variant("asyncrl, 1 env", SAC_MATCHED),
              )),
 )
 
@@ -247,6 +256,8 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=10_000,
                         help="env steps of each thread-count probe (--threads auto)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    parser.add_argument("--algos", default=None,
+                        help="comma-separated asyncrl algorithms whose workloads run (default: all)")
     args = parser.parse_args()
     try:
         import stable_baselines3
@@ -258,7 +269,10 @@ def main() -> None:
 
     known = registry.names()
     rows: list[Row] = []
+    wanted = set(args.algos.split(",")) if args.algos else None
     for workload in WORKLOADS:
+        if wanted is not None and workload.algo not in wanted:
+            continue
         if workload.algo not in known:
             print(f"skipped {workload.name.split(',')[0]}: asyncrl has no {workload.algo} yet")
             continue

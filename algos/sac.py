@@ -1,0 +1,219 @@
+"""Soft Actor-Critic (Haarnoja et al. 2018, the version with twin critics and a learned entropy
+temperature): a tanh-squashed Gaussian policy scaled to the env's action bounds, twin Q critics
+with Polyak-averaged targets, and uniform random actions for a warm-up.
+
+One update computes the critic, policy and temperature losses from the same parameters and
+applies them in one optimizer step (as Acme's SAC learner does); the policy loss reads the critics
+through detached weights, so it trains the policy alone."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from algos.nets import TwinCritic, action_bounds, mlp
+from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+class SACConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    actor_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the policy.")
+    critic_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the twin critics.")
+    alpha_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the log entropy temperature.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    n_step: int = Field(1, ge=1, description="Steps summed before bootstrapping.")
+    hidden: list[int] = Field([256, 256], description="MLP widths of the policy and of each critic.")
+    tau: float = Field(0.005, gt=0, le=1, description="Polyak weight of the target critics' update.")
+    target_update_period: int = Field(1, ge=1, description="Updates between target-critic updates.")
+    init_alpha: float = Field(1.0, gt=0, description="Entropy temperature at the start.")
+    autotune_alpha: bool = Field(
+        True, description="Learn the temperature so that the policy's entropy tracks target_entropy.")
+    target_entropy: float | None = Field(
+        None, description="Entropy the temperature aims at; None: minus the action dimension.")
+    random_steps: int = Field(
+        5_000, ge=0, description="Env steps at the start with uniform random actions (warm-up).")
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: list[int]) -> list[int]:
+        if not hidden or any(w < 1 for w in hidden):
+            raise ValueError("must list positive layer widths")
+        return hidden
+
+
+# --- networks ---------------------------------------------------------------------------------
+
+
+class SquashedGaussianPolicy(nn.Module):
+    """obs -> a Gaussian over pre-squash actions; tanh, then scaled to the action bounds."""
+
+    def __init__(self, spec: EnvSpec, hidden: list[int]):
+        super().__init__()
+        action_dim = int(np.prod(spec.action_shape))
+        self.torso = mlp(int(np.prod(spec.obs_shape)), hidden)
+        self.head = nn.Linear(hidden[-1], 2 * action_dim)
+        scale, centre = action_bounds(spec)
+        # Buffers, not parameters: fixed by the spec, so the weight store need not carry them.
+        self.register_buffer("scale", scale)
+        self.register_buffer("centre", centre)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log_std) of the pre-squash Gaussian."""
+        mean, raw = self.head(self.torso(obs.float().flatten(1))).chunk(2, dim=-1)
+        # A smooth squash into [LOG_STD_MIN, LOG_STD_MAX] rather than a clamp: gradients survive.
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw) + 1)
+        return mean, log_std
+
+    def greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0]) * self.scale + self.centre
+
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action within bounds and its log-density (of the scaled action)."""
+        mean, log_std = self(obs)
+        if noise is None:
+            noise = torch.randn_like(mean)
+        pre_squash = mean + log_std.exp() * noise
+        gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        # Change of variables: log|d action / d pre_squash| = log(scale) + log(1 - tanh(u)^2),
+        # the latter written in a form that stays finite for large |u|.
+        log_det = torch.log(self.scale) + 2 * (math.log(2) - pre_squash - F.softplus(-2 * pre_squash))
+        action = torch.tanh(pre_squash) * self.scale + self.centre
+        return action, (gaussian - log_det).sum(-1)
+
+
+# --- the algorithm ----------------------------------------------------------------------------
+
+
+class SAC:
+    Config: ClassVar[type[BaseModel]] = SACConfig
+    # A built-in default that trains at once on a 2-core CPU: Pendulum-v1, one update per env
+    # step on small networks, stopping once a greedy evaluation reaches -200. See BENCHMARKS.md.
+    preset: ClassVar[dict[str, Any]] = {
+        "algo": {"name": "sac", "hidden": [64, 64], "actor_lr": 1e-3, "critic_lr": 1e-3,
+                 "alpha_lr": 1e-3, "random_steps": 1_000},
+        "env": {"id": "Pendulum-v1", "num_envs": 4},
+        "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 128.0},
+        "learner": {"batch_size": 128},
+        "train": {"total_env_steps": 50_000, "eval_every": 2_000, "eval_episodes": 10,
+                  "target_return": -200.0},
+    }
+
+    def __init__(self, spec: EnvSpec, config: SACConfig, device: torch.device):
+        self.spec, self.config, self.device = spec, config, device
+        self.actor = SquashedGaussianPolicy(spec, config.hidden).to(device)  # refuses discrete specs
+        self.critic = TwinCritic(spec, config.hidden).to(device)
+        self.target_critic = TwinCritic(spec, config.hidden).to(device)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.log_alpha = torch.tensor(math.log(config.init_alpha), device=device,
+                                      requires_grad=config.autotune_alpha)
+        action_dim = int(np.prod(spec.action_shape))
+        self.target_entropy = (-float(action_dim) if config.target_entropy is None
+                               else config.target_entropy)
+        groups = [{"params": list(self.actor.parameters()), "lr": config.actor_lr},
+                  {"params": list(self.critic.parameters()), "lr": config.critic_lr}]
+        if config.autotune_alpha:
+            groups.append({"params": [self.log_alpha], "lr": config.alpha_lr})
+        # One fused Adam over every parameter: one step per update, few kernel launches.
+        self.optimizer = torch.optim.Adam(groups, fused=True)
+        self._targets = list(self.target_critic.parameters())
+        self._onlines = list(self.critic.parameters())
+        self.updates = 0
+
+    @property
+    def data(self) -> TransitionData:
+        return TransitionData(n_step=self.config.n_step, gamma=self.config.gamma)
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.actor
+
+    def make_acting_network(self) -> nn.Module:
+        return SquashedGaussianPolicy(self.spec, self.config.hidden)
+
+    @torch.no_grad()
+    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int,
+            rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
+        low, high = self.spec.action_low, self.spec.action_high
+        n = len(obs)
+        if greedy:
+            actions = network.greedy(obs).cpu().numpy()
+        elif env_steps < self.config.random_steps:
+            return rng.uniform(low, high, size=(n, *self.spec.action_shape)).astype(np.float32)
+        else:  # the actor's own generator draws the noise: serial runs repeat exactly
+            noise = torch.from_numpy(rng.standard_normal((n, *self.spec.action_shape), np.float32))
+            actions = network.sample(obs, noise.to(obs.device))[0].cpu().numpy()
+        # tanh(u) * scale + centre can land a rounding error outside the bounds.
+        return np.clip(actions, low, high).astype(np.float32, copy=False)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    @torch.no_grad()
+    def critic_target(self, batch: TransitionBatch) -> torch.Tensor:
+        """r + discount * (min of the target critics - alpha * log-prob) at a fresh policy action."""
+        next_action, next_log_prob = self.actor.sample(batch.next_obs)
+        next_q = self.target_critic(batch.next_obs, next_action).min(dim=0).values
+        return batch.rewards + batch.discounts * (next_q - self.alpha * next_log_prob)
+
+    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy loss, log-probs). The critics are read through detached weights: the policy
+        loss trains the policy alone."""
+        action, log_prob = self.actor.sample(obs)
+        q_policy = self.critic(obs, action, frozen=True).min(dim=0).values
+        return (self.alpha * log_prob - q_policy).mean(), log_prob
+
+    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+        target = self.critic_target(batch)
+        q = self.critic(batch.obs, batch.actions)  # (2, batch)
+        td_error = target - q
+        critic_loss = (batch.weights * td_error.pow(2)).mean(dim=1).sum()
+        actor_loss, log_prob = self.policy_loss(batch.obs)
+        loss = critic_loss + actor_loss
+        if self.config.autotune_alpha:
+            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+            loss = loss + alpha_loss
+        metrics = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
+                   "alpha": self.alpha, "entropy": -log_prob.detach().mean(),
+                   "q_values": q.detach().mean()}
+        return loss, metrics, td_error.detach().abs().mean(dim=0)
+
+    def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
+        loss, metrics, priorities = self.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.config.target_update_period == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(self._targets, self._onlines, self.config.tau)
+        return metrics, priorities
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "target_critic": self.target_critic.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
