@@ -17,8 +17,7 @@ from rich.logging import RichHandler
 
 from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
-from asyncrl.config import (Config, ConfigError, algo_name, build_config, deep_merge, parse_override,
-                            read_file, validate)
+from asyncrl.config import Config, ConfigError, deep_merge, parse_override, read_file, validate
 from asyncrl.envs import EnvError
 
 log = logging.getLogger("asyncrl")
@@ -68,14 +67,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         for item in args.set:
             data = deep_merge(data, parse_override(item))
         return validate(data)
-    file_data = read_file(args.config) if args.config else {}
-    name = args.algo or algo_name(file_data) or "dqn"
-    config = build_config(registry.get(name).preset, args.config, args.env, args.set, algo=name)
-    if config.algo.name != name:  # --set algo.name=...: start again from that algorithm's preset
-        name = config.algo.name
-        config = build_config(registry.get(name).preset, args.config, args.env, args.set)
-    registry.algo_config(registry.get(name), config.algo.params)  # errors now, before envs start
-    return config
+    return registry.resolve_config(args.algo, args.config, args.env, args.set)
 
 
 async def _run(args: argparse.Namespace, config: Config, console: Console, seen: dict) -> dict:

@@ -36,6 +36,10 @@ class EnvConfig(_Section):
     eval_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of kwargs for evaluation envs (e.g. raw rewards, no life loss).")
+    max_errors_in_a_row: int = Field(
+        3, ge=0,
+        description="Gymnasium envs (not EnvPool's): a step or reset that raises resets that env and "
+        "is counted (charts/env_errors); more failures in a row of one env than this stop the run.")
 
     @property
     def actor_batch(self) -> int:
@@ -86,6 +90,10 @@ class LearnerConfig(_Section):
         "(see BENCHMARKS.md); raise it for large CPU networks.")
     max_updates_per_call: int = Field(
         8, ge=1, description="Updates run per hand-off to the learner thread, when the limiter allows.")
+    max_nonfinite_in_a_row: int = Field(
+        50, ge=1,
+        description="Updates whose loss or gradient is non-finite are rolled back, not applied, and "
+        "counted (charts/skipped_updates); this many in a row stop the run with an error.")
 
     @field_validator("device")
     @classmethod
