@@ -32,7 +32,7 @@ from asyncrl.faults import RunError
 
 log = logging.getLogger("asyncrl")
 
-__all__ = ["EnvError", "Step", "VecEnv", "list_env_ids", "make_env", "spec_from_spaces"]
+__all__ = ["EnvError", "Step", "VecEnv", "env_families", "list_env_ids", "make_env", "spec_from_spaces"]
 
 
 class EnvError(ValueError):
@@ -53,6 +53,18 @@ class Step:
 def list_env_ids() -> list[str]:
     """Every id ``make_env`` knows: EnvPool's and Gymnasium's."""
     return sorted(set(envpool.list_all_envs()) | set(gymnasium.registry))
+
+
+def env_families() -> dict[str, list[str]]:
+    """EnvPool's ids grouped by the module that implements them (atari, mujoco, classic_control...)."""
+    families: dict[str, list[str]] = {}
+    specs = getattr(getattr(envpool, "registration", None), "registry", None)
+    specs = getattr(specs, "specs", {})
+    for env_id in envpool.list_all_envs():
+        entry = specs.get(env_id)
+        family = entry[0].removeprefix("envpool.").replace(".", "/") if entry else "other"
+        families.setdefault(family, []).append(env_id)
+    return dict(sorted(families.items()))
 
 
 def spec_from_spaces(
