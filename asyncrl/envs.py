@@ -228,7 +228,7 @@ class _GymnasiumVecEnv(VecEnv):
     truncation at its last good observation with reward 0 (one made-up transition, so that the
     adders need not know), it is reset at its next step like any ended episode, and the error is
     counted in ``errors`` and logged with the env id. More than ``max_errors_in_a_row`` failures
-    of one env without a good step between them raise :class:`RunError`."""
+    of one env without a good step between them (resets aside) raise :class:`RunError`."""
 
     def __init__(self, env: SyncVectorEnv, spec: EnvSpec, seed: int, max_errors_in_a_row: int) -> None:
         super().__init__(spec, env.num_envs, env.num_envs)
@@ -259,20 +259,22 @@ class _GymnasiumVecEnv(VecEnv):
             self._ended[:] = True
         obs = []
         for i, env in enumerate(self._env.envs):
+            stepping = not self._ended[i]
             try:
-                if self._ended[i]:
+                if stepping:
+                    o, rewards[i], terminated[i], truncated[i], _ = env.step(self._actions[i])
+                else:
                     # Seeded once, like EnvPool whose seed is fixed at creation; env i gets seed + i.
                     seed = None if self._seed is None else self._seed + i
                     o, _ = env.reset(seed=seed)
-                else:
-                    o, rewards[i], terminated[i], truncated[i], _ = env.step(self._actions[i])
             except Exception as exc:  # noqa: BLE001 - any failure of user code in an env
                 self._failed(i, exc)
                 o, truncated[i] = self._last_obs[i], True
                 if o is None:  # failed before its first observation: nothing to show but zeros
                     o = np.zeros(self.spec.obs_shape, self.spec.obs_dtype)
             else:
-                self._in_a_row[i] = 0
+                if stepping:  # a reset that works does not end a streak of failing steps
+                    self._in_a_row[i] = 0
             self._ended[i] = terminated[i] or truncated[i]
             self._last_obs[i] = o
             obs.append(o)

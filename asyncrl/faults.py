@@ -68,10 +68,12 @@ class NonFiniteGuard:
             return True
         algo.load_state_dict(snapshot)
         self.skipped_updates += len(metrics)
+        first = self.in_a_row == 0
         self.in_a_row += len(metrics)
         bad = sorted({k for row in metrics for k, v in row.items() if not math.isfinite(float(v))})
-        log.warning("non-finite %s in an update: %d update(s) not applied (%d in a row)",
-                    ", ".join(bad), len(metrics), self.in_a_row)
+        if first:  # once per streak: a diverged run would otherwise log a line per chunk
+            log.warning("non-finite %s in an update: rolled back, not applied (%d skipped so far)",
+                        ", ".join(bad), self.skipped_updates)
         if self.in_a_row >= self.max_in_a_row:
             raise RunError(f"{self.in_a_row} updates in a row had a non-finite "
                            f"{', '.join(bad)}: stopping (learner.max_nonfinite_in_a_row = "
