@@ -33,22 +33,33 @@ def _clone(state: Any) -> Any:
 class NonFiniteGuard:
     """Keeps non-finite updates out of the weights, for any algorithm.
 
-    The learner runs updates a chunk at a time. Before a chunk the guard copies the algorithm's
-    state (on its device: no host copy); after it, every metric of every update (the loss, the
-    gradient norm, ...) is checked in one reduction, so a CUDA learner syncs once per chunk, not
-    per update. A non-finite value rolls the whole chunk back through ``load_state_dict`` (the
-    algorithm's optimizer steps inside ``update``, so rolling back is how an update is "not
-    applied"); the chunk's priorities and weights are then neither applied nor published. After
-    ``max_in_a_row`` rolled-back updates in a row the run stops with a :class:`RunError`.
+    The learner runs updates a chunk at a time. After each chunk every metric of every update
+    (the loss, the gradient norm, ...) is checked in one reduction, so a CUDA learner syncs once
+    per chunk, not per update. The algorithm's optimizer steps inside ``update``, so a bad update
+    has already changed its state: "not applying" it means restoring the algorithm's state
+    (``state_dict`` / ``load_state_dict``, on its device) from a snapshot. Taking a snapshot costs
+    about a tenth of a small network's update, so one is taken only every ``snapshot_every``
+    updates (at a chunk boundary, after a check passed); a rollback thus also drops the good
+    updates made since it, at most ``snapshot_every`` of them. After a rollback a snapshot is
+    taken before every chunk until ``snapshot_every`` good updates in a row passed, so that
+    frequent bad batches cost only themselves. Nothing of a rolled-back chunk is
+    published or fed back to the replay's priorities. After ``max_in_a_row`` non-finite updates
+    in a row the run stops with a :class:`RunError`.
     """
 
-    def __init__(self, max_in_a_row: int):
-        self.max_in_a_row = max_in_a_row
+    def __init__(self, max_in_a_row: int, snapshot_every: int = 32):
+        self.max_in_a_row, self.snapshot_every = max_in_a_row, snapshot_every
         self.skipped_updates = 0
         self.in_a_row = 0
+        self._snapshot: dict[str, Any] | None = None
+        self._since_snapshot = 0
+        self._clean_since_rollback: int | None = None  # None: no rollback lately
 
-    def snapshot(self, algo: Algorithm) -> dict[str, Any]:
-        return _clone(algo.state_dict())
+    def before_chunk(self, algo: Algorithm) -> None:
+        every = self.snapshot_every if self._clean_since_rollback is None else 1
+        if self._snapshot is None or self._since_snapshot >= every:
+            self._snapshot = _clone(algo.state_dict())
+            self._since_snapshot = 0
 
     @staticmethod
     def finite(metrics: list[Metrics]) -> bool:
@@ -61,14 +72,23 @@ class NonFiniteGuard:
                     return False
         return not tensors or bool(torch.isfinite(torch.cat(tensors)).all())
 
-    def check(self, algo: Algorithm, snapshot: dict[str, Any], metrics: list[Metrics]) -> bool:
-        """True if the chunk may stand; otherwise restores ``snapshot`` and returns False."""
+    def check(self, algo: Algorithm, metrics: list[Metrics]) -> bool:
+        """True if the chunk may stand; otherwise restores the last snapshot and returns False."""
         if self.finite(metrics):
             self.in_a_row = 0
+            self._since_snapshot += len(metrics)
+            if self._clean_since_rollback is not None:
+                self._clean_since_rollback += len(metrics)
+                if self._clean_since_rollback >= self.snapshot_every:
+                    self._clean_since_rollback = None
             return True
-        algo.load_state_dict(snapshot)
-        self.skipped_updates += len(metrics)
+        algo.load_state_dict(self._snapshot)
+        # The algorithm may now hold the snapshot's tensors (an optimizer keeps what it loads):
+        # take a fresh one before the next chunk.
+        self._snapshot = None
+        self._clean_since_rollback = 0
         first = self.in_a_row == 0
+        self.skipped_updates += len(metrics)
         self.in_a_row += len(metrics)
         bad = sorted({k for row in metrics for k, v in row.items() if not math.isfinite(float(v))})
         if first:  # once per streak: a diverged run would otherwise log a line per chunk

@@ -68,13 +68,13 @@ class Learner:
         """Runs on the learner thread (or inline in serial mode). None: the chunk was non-finite
         and rolled back (see :class:`NonFiniteGuard`)."""
         t0 = time.perf_counter()
-        snapshot = self.guard.snapshot(self.algo)
+        self.guard.before_chunk(self.algo)
         priorities, metrics = [], []
         for batch in batches:
             row, prio = self.algo.update(batch)
             priorities.append(prio)
             metrics.append(row)
-        if not self.guard.check(self.algo, snapshot, metrics):
+        if not self.guard.check(self.algo, metrics):
             return None
         self.recorder.losses = metrics[-1]
         if self.replay.prioritized:  # uniform replay: no device-to-host copy per update

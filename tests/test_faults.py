@@ -74,13 +74,25 @@ def test_guard_checks_every_metric_and_rolls_back():
             self.w = state["w"].clone()
 
     algo = Algo()
-    snapshot = guard.snapshot(algo)
+    guard.before_chunk(algo)  # the first snapshot
+    algo.w += 1  # a good update
+    assert guard.check(algo, [{"loss": 1.0}]) and guard.skipped_updates == 0
+    guard.before_chunk(algo)  # no new snapshot yet: one every 32 updates
     algo.w.fill_(math.nan)  # what a bad update does in place
-    assert not guard.check(algo, snapshot, [{"loss": math.nan}, {"loss": 1.0}])
+    assert not guard.check(algo, [{"loss": math.nan}, {"loss": 1.0}])
+    # Both updates of the chunk are skipped; the good one before it is lost with them.
     assert torch.equal(algo.w, torch.ones(3)) and guard.skipped_updates == 2
-    assert guard.check(algo, guard.snapshot(algo), [{"loss": 1.0}]) and guard.in_a_row == 0
+    # After a rollback, a snapshot before every chunk: a bad chunk costs only itself.
+    guard.before_chunk(algo)
+    algo.w += 1
+    assert guard.check(algo, [{"loss": 1.0}]) and guard.in_a_row == 0
+    guard.before_chunk(algo)
+    algo.w.fill_(math.inf)
+    assert not guard.check(algo, [{"loss": torch.tensor(math.inf)}])
+    assert torch.equal(algo.w, torch.full((3,), 2.0))
     with pytest.raises(RunError, match="3 updates in a row"):
-        guard.check(algo, snapshot, [{"loss": math.nan}] * 3)
+        guard.before_chunk(algo)
+        guard.check(algo, [{"loss": math.nan}] * 2)
 
 
 def test_nonfinite_updates_are_skipped_counted_and_kept_out_of_the_weights(tmp_path, monkeypatch):
@@ -92,6 +104,10 @@ def test_nonfinite_updates_are_skipped_counted_and_kept_out_of_the_weights(tmp_p
     assert all(r["losses/td_loss"] is not None for r in rows if "losses/td_loss" in r)
     for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
         assert all_finite(checkpoint.load(path)[1]["algo"])
+    # Good updates lost to rollbacks: only those before the first bad one (then a snapshot per
+    # chunk keeps each rollback to the bad update alone).
+    applied = checkpoint.load_latest(tmp_path / "checkpoints")[2]["algo"]["updates"]
+    assert result["updates"] - 4 == applied
 
 
 def test_nonfinite_updates_in_a_row_stop_the_run_with_one_line_and_finite_checkpoints(tmp_path, monkeypatch):
