@@ -83,6 +83,10 @@ class ReplayConfig(_Section):
 class LearnerConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Transitions per update.")
     publish_every: int = Field(1, ge=1, description="Updates between weight publications.")
+    max_nonfinite_in_a_row: int = Field(
+        50, ge=1,
+        description="Updates whose loss or gradient is non-finite are rolled back, not applied, and "
+        "counted (charts/skipped_updates); this many in a row stop the run with an error.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'.")
     torch_threads: int = Field(
         1, ge=1,
@@ -90,10 +94,6 @@ class LearnerConfig(_Section):
         "(see BENCHMARKS.md); raise it for large CPU networks.")
     max_updates_per_call: int = Field(
         8, ge=1, description="Updates run per hand-off to the learner thread, when the limiter allows.")
-    max_nonfinite_in_a_row: int = Field(
-        50, ge=1,
-        description="Updates whose loss or gradient is non-finite are rolled back, not applied, and "
-        "counted (charts/skipped_updates); this many in a row stop the run with an error.")
 
     @field_validator("device")
     @classmethod
