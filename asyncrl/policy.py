@@ -75,25 +75,30 @@ class Policy:
 
 class LivePolicy(Policy):
     """The policy a trainer is learning, refreshed from its weight store whenever a newer version
-    was published (the store's seqlock read: the learner never waits for it)."""
+    was published (the store's seqlock read: the learner never waits for it). It binds to the
+    trainer's networks at its first call, which must come once ``run()`` has built them."""
 
     def __init__(self, trainer: Trainer):
         self._trainer = trainer
-        self._bound = False
-        self._lock = threading.Lock()
+        self._bind_lock = threading.Lock()
+        self._store = None
+        self.version = -1
 
     def __call__(self, obs: Any) -> np.ndarray:
-        if not self._bound:
-            with self._lock:
-                if not self._bound:
-                    c = self._trainer.c
-                    if c is None:
-                        raise RuntimeError("the trainer has not built its networks yet: "
-                                           "call the policy once run() has started")
-                    super().__init__(c.algo, c.algo.make_acting_network(), c.spec, version=-1)
-                    self._store = c.store
-                    self._bound = True
+        if self._store is None:
+            self._bind()
         return super().__call__(obs)
+
+    def _bind(self) -> None:
+        with self._bind_lock:
+            if self._store is not None:
+                return
+            c = self._trainer.c
+            if c is None:
+                raise RuntimeError("the trainer has not built its networks yet: "
+                                   "call the policy once run() has started")
+            super().__init__(c.algo, c.algo.make_acting_network(), c.spec, version=-1)
+            self._store = c.store  # last: other threads take it as "bound"
 
     def _refresh(self) -> None:
         version = self._store.pull(self.network, self.version)
