@@ -95,6 +95,33 @@ def test_guard_checks_every_metric_and_rolls_back():
         guard.check(algo, [{"loss": math.nan}] * 2)
 
 
+def test_a_batch_with_nan_rewards_leaves_dqn_as_it_was():
+    from asyncrl.core import EnvSpec, TransitionBatch
+
+    spec = EnvSpec("CartPole-v1", (4,), np.dtype(np.float32), "discrete", 2, ())
+    algo = DQN(spec, DQN.Config(), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+
+    def batch(reward: float) -> TransitionBatch:
+        return TransitionBatch(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g),
+                               torch.full((32,), reward), torch.full((32,), 0.99),
+                               torch.randn(32, 4, generator=g), torch.ones(32))
+
+    guard = NonFiniteGuard(max_in_a_row=5, snapshot_every=2)
+    for _ in range(3):  # snapshots before the 1st and the 3rd update
+        guard.before_chunk(algo)
+        assert guard.check(algo, [algo.update(batch(1.0))[0]])
+    guard.before_chunk(algo)
+    assert not guard.check(algo, [algo.update(batch(math.nan))[0]])
+    # Back to the snapshot after two updates: the NaN update and the 3rd are not applied.
+    assert all_finite(algo.state_dict()) and algo.updates == 2
+    snapshot = {k: v.clone() for k, v in algo.q.state_dict().items()}
+    guard.before_chunk(algo)
+    assert guard.check(algo, [algo.update(batch(1.0))[0]])  # learning goes on from there
+    assert all_finite(algo.state_dict()) and algo.updates == 3
+    assert any(not torch.equal(v, snapshot[k]) for k, v in algo.q.state_dict().items())
+
+
 def test_nonfinite_updates_are_skipped_counted_and_kept_out_of_the_weights(tmp_path, monkeypatch):
     poison_updates(monkeypatch, lambda i: i % 5 == 0)
     result = run(Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path))
