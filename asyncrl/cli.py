@@ -1,4 +1,5 @@
-"""``python -m asyncrl``: run, list. Bad input is one line on stderr and exit code 2."""
+"""``python -m asyncrl``: run, bench, eval, list, plot. Bad input is one line on stderr and exit
+code 2; a run that cannot go on (:class:`RunError`) is one line and exit code 1."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from rich.logging import RichHandler
 
 from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
-from asyncrl.config import (Config, ConfigError, algo_name, build_config, deep_merge, parse_override,
-                            read_file, validate)
+from asyncrl.config import Config, ConfigError, deep_merge, parse_override, read_file, validate
 from asyncrl.envs import EnvError
+from asyncrl.faults import RunError
 
 log = logging.getLogger("asyncrl")
 USAGE_ERRORS = (ConfigError, EnvError, CheckpointError)
@@ -55,7 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", metavar="KEY=V1,V2,...",
                        help="one table per value of one config key, then a summary")
     bench.set_defaults(resume=None)
-    sub.add_parser("list", help="algorithms and shipped configs")
+    ev = sub.add_parser("eval", help="greedy returns of a run's checkpoint: mean, std, min, max")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/...)")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes, one per env (default 10)")
+    ev.add_argument("--checkpoint", metavar="NAME",
+                    help="e.g. step_000000050000 (default: the newest loadable one)")
+    ev.add_argument("--seed", type=int, default=12345, help="seed of the evaluation envs")
+    ls = sub.add_parser("list", help="algorithms, shipped configs and env ids")
+    ls.add_argument("--envs", action="store_true", help="every env id, one a line")
+    pl = sub.add_parser("plot", help="returns against env steps and wall time (needs matplotlib)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, overlaid")
+    pl.add_argument("--out", help="image file to write (default: plot.png in the only RUN_DIR, else "
+                    "in the working directory)")
     return p
 
 
@@ -68,14 +80,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         for item in args.set:
             data = deep_merge(data, parse_override(item))
         return validate(data)
-    file_data = read_file(args.config) if args.config else {}
-    name = args.algo or algo_name(file_data) or "dqn"
-    config = build_config(registry.get(name).preset, args.config, args.env, args.set, algo=name)
-    if config.algo.name != name:  # --set algo.name=...: start again from that algorithm's preset
-        name = config.algo.name
-        config = build_config(registry.get(name).preset, args.config, args.env, args.set)
-    registry.algo_config(registry.get(name), config.algo.params)  # errors now, before envs start
-    return config
+    return registry.resolve_config(args.algo, args.config, args.env, args.set)
 
 
 async def _run(args: argparse.Namespace, config: Config, console: Console, seen: dict) -> dict:
@@ -126,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command == "list":
-            return _list(console)
+            return _list(console, args.envs)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "plot":
+            from asyncrl import plot
+            print(plot.plot_runs(args.run_dirs, args.out))
+            return 0
         if args.command == "bench":
             from asyncrl import bench
             return bench.command(args, console)
@@ -136,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
+    except RunError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]interrupted[/yellow]")
         return 130
@@ -160,11 +174,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _list(console: Console) -> int:
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from asyncrl.envs import make_env
+    from asyncrl.evaluation import evaluate
+    from asyncrl.policy import load_policy
+
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1, got {args.episodes}")
+    policy = load_policy(args.run_dir, args.checkpoint)
+    config = validate(read_file(Path(args.run_dir) / "config.json"))
+    e = config.env
+    with make_env(e.id, args.episodes, None, args.seed, {**e.kwargs, **e.eval_kwargs}) as env:
+        returns = np.array(evaluate(env, policy.algo, policy.network, np.random.default_rng(args.seed)))
+    print(json.dumps({"run_dir": args.run_dir, "env_steps": policy.env_steps, "episodes": len(returns),
+                      "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+                      "return_min": float(returns.min()), "return_max": float(returns.max())}))
+    return 0
+
+
+def _list(console: Console, every_env: bool = False) -> int:
+    from asyncrl.envs import env_families
+
+    if every_env:
+        for ids in env_families().values():
+            print("\n".join(ids))
+        return 0
     console.print("[bold]algorithms[/bold]: " + ", ".join(registry.names()))
     configs = sorted(Path("configs").glob("*.toml")) if Path("configs").is_dir() else []
     if configs:
         console.print("[bold]configs[/bold]: " + ", ".join(str(p) for p in configs))
+    families = env_families()
+    console.print(f"[bold]envs[/bold] ({sum(map(len, families.values()))} EnvPool ids; any Gymnasium id "
+                  "works too; --envs lists them all):")
+    for family, ids in families.items():
+        shown = ", ".join(ids[:6]) + (", ..." if len(ids) > 6 else "")
+        console.print(f"  {family} ({len(ids)}): {shown}", highlight=False, soft_wrap=True)
     return 0
 
 

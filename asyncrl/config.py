@@ -36,6 +36,10 @@ class EnvConfig(_Section):
     eval_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of kwargs for evaluation envs (e.g. raw rewards, no life loss).")
+    max_errors_in_a_row: int = Field(
+        3, ge=0,
+        description="Gymnasium envs (not EnvPool's): a step or reset that raises resets that env and "
+        "is counted (charts/env_errors); more failures in a row of one env than this stop the run.")
 
     @property
     def actor_batch(self) -> int:
@@ -79,6 +83,10 @@ class ReplayConfig(_Section):
 class LearnerConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Transitions per update.")
     publish_every: int = Field(1, ge=1, description="Updates between weight publications.")
+    max_nonfinite_in_a_row: int = Field(
+        50, ge=1,
+        description="Updates whose loss or gradient is non-finite are rolled back, not applied, and "
+        "counted (charts/skipped_updates); this many in a row stop the run with an error.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'.")
     torch_threads: int = Field(
         1, ge=1,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import logging
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,11 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from asyncrl.core import EnvSpec
+from asyncrl.faults import RunError
 
-__all__ = ["EnvError", "Step", "VecEnv", "list_env_ids", "make_env", "spec_from_spaces"]
+log = logging.getLogger("asyncrl")
+
+__all__ = ["EnvError", "Step", "VecEnv", "env_families", "list_env_ids", "make_env", "spec_from_spaces"]
 
 
 class EnvError(ValueError):
@@ -49,6 +53,18 @@ class Step:
 def list_env_ids() -> list[str]:
     """Every id ``make_env`` knows: EnvPool's and Gymnasium's."""
     return sorted(set(envpool.list_all_envs()) | set(gymnasium.registry))
+
+
+def env_families() -> dict[str, list[str]]:
+    """EnvPool's ids grouped by the module that implements them (atari, mujoco, classic_control...)."""
+    families: dict[str, list[str]] = {}
+    specs = getattr(getattr(envpool, "registration", None), "registry", None)
+    specs = getattr(specs, "specs", {})
+    for env_id in envpool.list_all_envs():
+        entry = specs.get(env_id)
+        family = entry[0].removeprefix("envpool.").replace(".", "/") if entry else "other"
+        families.setdefault(family, []).append(env_id)
+    return dict(sorted(families.items()))
 
 
 def spec_from_spaces(
@@ -205,14 +221,26 @@ class _EnvPoolVecEnv(VecEnv):
 
 class _GymnasiumVecEnv(VecEnv):
     """Synchronous: ``send`` stores the actions and ``recv`` steps every env, so the work
-    happens where ``arecv`` moves it off the event loop."""
+    happens where ``arecv`` moves it off the event loop.
 
-    def __init__(self, env: SyncVectorEnv, spec: EnvSpec, seed: int) -> None:
+    The envs are stepped one by one (not through ``SyncVectorEnv.step``) so that one env whose
+    ``step`` or ``reset`` raises costs that env's episode, not the run: its step is reported as a
+    truncation at its last good observation with reward 0 (one made-up transition, so that the
+    adders need not know), it is reset at its next step like any ended episode, and the error is
+    counted in ``errors`` and logged with the env id. More than ``max_errors_in_a_row`` failures
+    of one env without a good step between them (resets aside) raise :class:`RunError`."""
+
+    def __init__(self, env: SyncVectorEnv, spec: EnvSpec, seed: int, max_errors_in_a_row: int) -> None:
         super().__init__(spec, env.num_envs, env.num_envs)
         self._env = env
         self._seed: int | None = seed
         self._needs_reset = True
         self._actions = np.empty(0)
+        self.max_errors_in_a_row = max_errors_in_a_row
+        self.errors = 0
+        self._in_a_row = np.zeros(self.num_envs, np.int64)
+        self._ended = np.ones(self.num_envs, bool)  # reset at the next step
+        self._last_obs: list[Any] = [None] * self.num_envs
 
     def _reset(self) -> None:
         self._needs_reset = True
@@ -221,16 +249,49 @@ class _GymnasiumVecEnv(VecEnv):
         self._actions = actions.astype(self._env.action_space.dtype, copy=False)
 
     def _recv(self) -> Step:
-        ids = np.arange(self.num_envs)
-        if self._needs_reset:
+        n = self.num_envs
+        ids = np.arange(n)
+        rewards = np.zeros(n, np.float64)
+        terminated, truncated = np.zeros(n, bool), np.zeros(n, bool)
+        first = self._needs_reset
+        if first:
             self._needs_reset = False
-            # Seeded once, like EnvPool whose seed is fixed at creation; env i gets seed + i.
-            obs, _ = self._env.reset(seed=self._seed)
+            self._ended[:] = True
+        obs = []
+        for i, env in enumerate(self._env.envs):
+            stepping = not self._ended[i]
+            try:
+                if stepping:
+                    o, rewards[i], terminated[i], truncated[i], _ = env.step(self._actions[i])
+                else:
+                    # Seeded once, like EnvPool whose seed is fixed at creation; env i gets seed + i.
+                    seed = None if self._seed is None else self._seed + i
+                    o, _ = env.reset(seed=seed)
+            except Exception as exc:  # noqa: BLE001 - any failure of user code in an env
+                self._failed(i, exc)
+                o, truncated[i] = self._last_obs[i], True
+                if o is None:  # failed before its first observation: nothing to show but zeros
+                    o = np.zeros(self.spec.obs_shape, self.spec.obs_dtype)
+            else:
+                if stepping:  # a reset that works does not end a streak of failing steps
+                    self._in_a_row[i] = 0
+            self._ended[i] = terminated[i] or truncated[i]
+            self._last_obs[i] = o
+            obs.append(o)
+        if first:
             self._seed = None
-            zeros = np.zeros(self.num_envs, dtype=bool)
-            return _make_step(obs, zeros, zeros, zeros, ids)
-        obs, rewards, terminated, truncated, _ = self._env.step(self._actions)
-        return _make_step(obs, rewards, terminated, truncated, ids)
+        return _make_step(np.stack(obs), rewards, terminated, truncated, ids)
+
+    def _failed(self, index: int, exc: Exception) -> None:
+        self.errors += 1
+        self._in_a_row[index] += 1
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        if self._in_a_row[index] > self.max_errors_in_a_row:
+            raise RunError(f"env {self.spec.env_id} #{index} failed {self._in_a_row[index]} times in a "
+                           f"row (env.max_errors_in_a_row = {self.max_errors_in_a_row}); last error: "
+                           f"{reason}") from None
+        log.warning("env %s #%d raised %s; resetting it (%d in a row, %d in all)", self.spec.env_id,
+                    index, reason, self._in_a_row[index], self.errors)
 
     def _close(self) -> None:
         self._env.close()
@@ -243,11 +304,13 @@ def make_env(
     seed: int = 0,
     kwargs: dict[str, Any] | None = None,
     env_fn: Callable[[], gymnasium.Env] | None = None,
+    max_errors_in_a_row: int = 3,
 ) -> VecEnv:
     """``num_envs`` copies of ``env_id``: from ``env_fn`` if given, else EnvPool, else Gymnasium.
 
     ``batch_size`` below ``num_envs`` is EnvPool's async mode: each ``recv`` returns whichever
     ``batch_size`` envs are ready. ``kwargs`` go to ``envpool.make`` or ``gymnasium.make``.
+    ``max_errors_in_a_row``: Gymnasium envs only (see ``_GymnasiumVecEnv``).
     """
     kwargs = dict(kwargs or {})
     if num_envs < 1:
@@ -261,7 +324,7 @@ def make_env(
     if env_fn is not None:
         if kwargs:
             raise EnvError("kwargs cannot be used with env_fn; pass them inside env_fn")
-        return _make_gymnasium(env_id, num_envs, batch_size, seed, env_fn)
+        return _make_gymnasium(env_id, num_envs, batch_size, seed, env_fn, max_errors_in_a_row)
     if env_id in envpool.list_all_envs():
         with warnings.catch_warnings():
             # EnvPool declares float64 bounds on float32 boxes; gymnasium warns on every make.
@@ -270,7 +333,7 @@ def make_env(
     if env_id in gymnasium.registry:
         def make_one() -> gymnasium.Env:
             return gymnasium.make(env_id, **kwargs)
-        return _make_gymnasium(env_id, num_envs, batch_size, seed, make_one)
+        return _make_gymnasium(env_id, num_envs, batch_size, seed, make_one, max_errors_in_a_row)
     hint = _did_you_mean(env_id, list_env_ids(), otherwise="; see asyncrl.envs.list_env_ids()")
     raise EnvError(f"unknown env id {env_id!r}{hint}")
 
@@ -318,7 +381,7 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 def _make_gymnasium(env_id: str, num_envs: int, batch_size: int, seed: int,
-                    env_fn: Callable[[], gymnasium.Env]) -> VecEnv:
+                    env_fn: Callable[[], gymnasium.Env], max_errors_in_a_row: int = 3) -> VecEnv:
     if batch_size != num_envs:
         raise EnvError(f"batch_size < num_envs (async mode) needs an EnvPool env; "
                        f"{env_id} steps all its envs together")
@@ -334,4 +397,4 @@ def _make_gymnasium(env_id: str, num_envs: int, batch_size: int, seed: int,
     except EnvError:
         env.close()
         raise
-    return _GymnasiumVecEnv(env, spec, seed)
+    return _GymnasiumVecEnv(env, spec, seed, max_errors_in_a_row)

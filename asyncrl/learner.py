@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from asyncrl.core import Algorithm, TransitionBatch
+from asyncrl.faults import NonFiniteGuard
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.replay import Replay
@@ -34,11 +35,13 @@ def pick_device(name: str) -> torch.device:
 class Learner:
     def __init__(self, algo: Algorithm, replay: Replay, limiter: RateLimiter, store: WeightStore,
                  recorder: Recorder, device: torch.device, batch_size: int, publish_every: int,
-                 max_updates_per_call: int, importance_exponent: Callable[[], float]):
+                 max_updates_per_call: int, importance_exponent: Callable[[], float],
+                 max_nonfinite_in_a_row: int = 50):
         self.algo, self.replay, self.limiter, self.store = algo, replay, limiter, store
         self.recorder, self.device, self.batch_size = recorder, device, batch_size
         self.publish_every, self.max_updates_per_call = publish_every, max_updates_per_call
         self.importance_exponent = importance_exponent
+        self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
         self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
         self._pin = device.type == "cuda"
         self._executor: ThreadPoolExecutor | None = None
@@ -65,15 +68,23 @@ class Learner:
         return [(TransitionBatch(**{name: fields[name][i] for name in _FIELDS}), keys[i])
                 for i in range(count)]
 
-    def _update(self, batches: list[TransitionBatch]) -> list[np.ndarray | None]:
-        """Runs on the learner thread (or inline in serial mode)."""
+    def _update(self, batches: list[TransitionBatch]) -> list[np.ndarray | None] | None:
+        """Runs on the learner thread (or inline in serial mode). None: the chunk was non-finite
+        and rolled back (see :class:`NonFiniteGuard`)."""
         t0 = time.perf_counter()
-        priorities = []
-        wanted = self.replay.prioritized  # uniform replay: no device-to-host copy per update
+        self.guard.before_chunk(self.algo)
+        priorities, metrics = [], []
         for batch in batches:
-            metrics, prio = self.algo.update(batch)
-            priorities.append(prio.float().cpu().numpy() if wanted and prio is not None else None)
-            self.recorder.losses = metrics
+            row, prio = self.algo.update(batch)
+            priorities.append(prio)
+            metrics.append(row)
+        if not self.guard.check(self.algo, metrics):
+            return None
+        self.recorder.losses = metrics[-1]
+        if self.replay.prioritized:  # uniform replay: no device-to-host copy per update
+            priorities = [None if p is None else p.float().cpu().numpy() for p in priorities]
+        else:
+            priorities = [None] * len(batches)
         t1 = time.perf_counter()
         self.recorder.timer.add("update", t1 - t0)
         self._seconds_per_update = (t1 - t0) / len(batches)
@@ -83,7 +94,9 @@ class Learner:
             self.recorder.timer.add("publish", time.perf_counter() - t1)
         return priorities
 
-    def _finish(self, keys: list[np.ndarray], priorities: list[np.ndarray | None]) -> None:
+    def _finish(self, keys: list[np.ndarray], priorities: list[np.ndarray | None] | None) -> None:
+        if priorities is None:  # rolled back: nothing was learnt
+            return
         for k, p in zip(keys, priorities):
             if p is not None:
                 self.replay.update_priorities(k, p)

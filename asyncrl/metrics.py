@@ -54,6 +54,7 @@ class Recorder:
         self.last_perf: dict[str, float] = {}  # share of wall time per phase, from the last row
         self.timer = PhaseTimer()
         self.queue_probe: Callable[[], dict[str, float]] = dict
+        self.counter_probe: Callable[[], dict[str, float]] = dict  # charts/ counts (faults survived)
         self._wall_offset = wall_offset
         self._start = time.perf_counter()
         self._next_log = (env_steps // log_every + 1) * log_every
@@ -98,6 +99,7 @@ class Recorder:
             row[f"losses/{key}"] = float(value.item() if isinstance(value, torch.Tensor) else value)
         self.last_perf = {phase: seconds / dt for phase, seconds in self.timer.drain().items()}
         row.update({f"perf/{phase}": share for phase, share in self.last_perf.items()})
+        row.update({f"charts/{k}": v for k, v in self.counter_probe().items()})
         row.update({f"queues/{k}": float(v) for k, v in self.queue_probe().items()})
         self.emit(row)
         return row

@@ -8,7 +8,9 @@ from importlib.metadata import entry_points
 
 from pydantic import BaseModel, ValidationError
 
-from asyncrl.config import ConfigError, describe_validation_error
+from pathlib import Path
+
+from asyncrl.config import Config, ConfigError, algo_name, build_config, describe_validation_error, read_file
 from asyncrl.core import Algorithm
 
 _GROUP = "asyncrl.algorithms"
@@ -42,3 +44,18 @@ def algo_config(cls: type[Algorithm], params: dict) -> BaseModel:
         return cls.Config.model_validate(params)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, prefix="algo")) from None
+
+
+def resolve_config(algo: str | None = None, file: str | Path | None = None, env: str | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A run's config as ``python -m asyncrl run`` builds it: the algorithm's preset (``algo``,
+    else the file's ``[algo] name``, else dqn), then ``file``, ``env`` and ``overrides``
+    (``key=value`` strings); the algorithm's hyperparameters are checked too."""
+    file_data = read_file(file) if file is not None else {}
+    name = algo or algo_name(file_data) or "dqn"
+    config = build_config(get(name).preset, file, env, overrides, algo=name)
+    if config.algo.name != name:  # --set algo.name=...: start again from that algorithm's preset
+        name = config.algo.name
+        config = build_config(get(name).preset, file, env, overrides)
+    algo_config(get(name), config.algo.params)  # errors now, before envs start
+    return config

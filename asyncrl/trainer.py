@@ -25,11 +25,14 @@ from asyncrl.config import Config, ConfigError
 from asyncrl.core import Algorithm, EnvSpec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
+from asyncrl.faults import RunError
 from asyncrl.learner import Learner, pick_device
 from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink
+from asyncrl.policy import LivePolicy, Policy, spec_to_dict
 from asyncrl.process_actor import ProcessActor
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
+from asyncrl.stream import MetricStream
 from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
@@ -71,8 +74,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     except ValueError as exc:
         raise ConfigError(f"invalid config: learner.device: {exc}") from None
     where = placement(config, device, env_fn)
-    env_args = [dict(env_id=e.id, num_envs=e.num_envs, batch_size=e.batch_size,
-                     seed=seed + i * e.num_envs, kwargs=e.kwargs) for i in range(n)]
+    env_args = [dict(env_id=e.id, num_envs=e.num_envs, batch_size=e.batch_size, seed=seed + i * e.num_envs,
+                     kwargs=e.kwargs, max_errors_in_a_row=e.max_errors_in_a_row) for i in range(n)]
     envs: list[VecEnv] = []
     try:
         if where == "inline":
@@ -125,7 +128,7 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
 
     learner = Learner(algo, replay, limiter, store, recorder, device, config.learner.batch_size,
                       config.learner.publish_every, config.learner.max_updates_per_call,
-                      importance_exponent)
+                      importance_exponent, config.learner.max_nonfinite_in_a_row)
     return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner)
 
 
@@ -146,8 +149,46 @@ class Trainer:
         self._stop_event = asyncio.Event()
         self.c: Components | None = None
         self.result: dict[str, Any] = {}
+        self._streams: list[MetricStream] = []
+        self._live_recorder: Recorder | None = None
+        self._ended = False
+        self._ckpt_error = ""
+
+    @classmethod
+    def from_algo(cls, algo: str = "dqn", *, env: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  **kwargs: Any) -> Trainer:
+        """A trainer for a registered algorithm: its preset, then ``env`` and ``overrides``
+        (``key=value`` strings, as ``--set``). ``kwargs`` go to :class:`Trainer`."""
+        return cls(registry.resolve_config(algo, None, env, overrides), **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
+                  **kwargs: Any) -> Trainer:
+        """A trainer from a TOML config file (its ``[algo] name`` picks the preset under it),
+        then ``overrides``. ``kwargs`` go to :class:`Trainer`."""
+        return cls(registry.resolve_config(None, path, None, overrides), **kwargs)
 
     # --- public -------------------------------------------------------------------------------
+
+    def metrics(self, maxlen: int = 1000) -> MetricStream:
+        """``async for row in trainer.metrics()``: the rows of ``metrics.jsonl`` as the run
+        emits them, ending when the run ends. Bounded (``maxlen`` rows): a consumer that falls
+        behind loses the oldest rows (counted in ``.dropped``); training never waits for it.
+        Open it before or during ``run()``."""
+        stream = MetricStream(maxlen)
+        self._streams.append(stream)
+        if self._ended:
+            stream.close()
+        elif self._live_recorder is not None:
+            self._live_recorder.listeners.append(stream.push)
+        return stream
+
+    def policy(self) -> Policy:
+        """A callable ``obs -> actions`` (greedy) with its own copy of the acting network,
+        refreshed from the weight store whenever the learner published newer weights. Thread-safe
+        and safe while training runs (the store's lock-free read never holds the learner up).
+        Callable once ``run()`` has started, and after it ended (the final weights)."""
+        return LivePolicy(self)
 
     def stop(self) -> None:
         """Ask the run to end: actors and learner finish their batch, then final eval/checkpoint."""
@@ -167,6 +208,8 @@ class Trainer:
         recorder = Recorder(t.log_every, [], wall_offset=manifest.get("wall_s", 0.0),
                             env_steps=manifest.get("env_steps", 0), updates=manifest.get("updates", 0),
                             episodes=manifest.get("episodes", 0))
+        recorder.listeners.extend(stream.push for stream in self._streams)
+        self._live_recorder = recorder
         threads_before = torch.get_num_threads()
         torch.set_num_threads(self.config.learner.torch_threads)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-io")
@@ -175,9 +218,13 @@ class Trainer:
         try:
             # Envs and networks first: a bad env id or config leaves no run directory behind.
             self.c = c = build(self.config, recorder, self._env_fn)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            recorder.sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), *self._extra_sinks]
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+                recorder.sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), *self._extra_sinks]
+            except OSError as exc:
+                raise ConfigError(f"cannot write the run directory {self.run_dir}: "
+                                  f"{exc.strerror or exc}") from None
             if t.tensorboard and TensorBoardSink.available():
                 recorder.sinks.append(TensorBoardSink(self.run_dir / "tb"))
             if self._stopping:
@@ -185,6 +232,7 @@ class Trainer:
             if restored:
                 self._restore(restored[0], manifest, restored[2])
             recorder.queue_probe = self.queues
+            recorder.counter_probe = self.counters
             self._next_eval = (recorder.env_steps // t.eval_every + 1) * t.eval_every
             self._next_ckpt = (recorder.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
             self._last_eval_version = -1
@@ -196,11 +244,21 @@ class Trainer:
                     await (self._run_serial() if t.mode == "serial" else self._run_async())
             except asyncio.CancelledError:
                 # Every task has ended (the task group waited for them): the state is consistent.
-                self._final_checkpoint()
+                try:
+                    self._final_checkpoint()
+                except RunError as exc:
+                    log.error("%s", exc)
+                raise
+            except BaseExceptionGroup as group:  # a task's one-line error, not wrapped in a group
+                if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (RunError, ConfigError)):
+                    raise group.exceptions[0] from None
                 raise
             self._finish_sync()
         finally:
             self._close(threads_before)
+            self._ended = True
+            for stream in self._streams:
+                stream.close()
         return self.result
 
     # --- the two modes -----------------------------------------------------------------------
@@ -303,7 +361,8 @@ class Trainer:
         e, t = self.config.env, self.config.train
         if self._eval_env is None:
             kwargs = {**e.kwargs, **e.eval_kwargs}
-            self._eval_env = make_env(e.id, t.eval_episodes, None, t.seed + 1_000_003, kwargs, self._env_fn)
+            self._eval_env = make_env(e.id, t.eval_episodes, None, t.seed + 1_000_003, kwargs, self._env_fn,
+                                      e.max_errors_in_a_row)
             self._eval_rng = np.random.default_rng([t.seed, 1_000_003])
         return evaluate(self._eval_env, self.c.algo, network, self._eval_rng)
 
@@ -326,24 +385,35 @@ class Trainer:
         manifest = {
             "env_steps": rec.env_steps, "updates": rec.updates, "episodes": rec.episodes,
             "wall_s": rec.wall_s, "weight_version": c.store.version,
-            "config": self.config.to_dict(),
+            "config": self.config.to_dict(), "env_spec": spec_to_dict(c.spec),
             "actor_rngs": [json.dumps(a.rng.bit_generator.state) for a in c.actors if isinstance(a, Actor)],
         }
         state = {"algo": _to_cpu(c.algo.state_dict()), "torch_rng": torch.get_rng_state()}
         return manifest, state
 
-    def _save(self, manifest: dict[str, Any], state: dict[str, Any]) -> None:
-        path = checkpoint.save(self.run_dir / "checkpoints", manifest["env_steps"], manifest, state,
-                               self.config.train.keep_checkpoints)
+    def _save(self, manifest: dict[str, Any], state: dict[str, Any]) -> bool:
+        """False when the write failed (a full disk, no permission): the previous checkpoint
+        stays as it was and training goes on; the next checkpoint tries again."""
+        try:
+            path = checkpoint.save(self.run_dir / "checkpoints", manifest["env_steps"], manifest, state,
+                                   self.config.train.keep_checkpoints)
+        except OSError as exc:
+            self._ckpt_error = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            log.error("checkpoint at %d env steps failed (%s); the previous one is kept and "
+                      "training goes on", manifest["env_steps"], self._ckpt_error)
+            return False
         self._last_ckpt_step = manifest["env_steps"]
         log.info("checkpoint %s", path)
+        return True
 
-    def _checkpoint_sync(self) -> None:
-        self._save(*self._snapshot())
+    def _checkpoint_sync(self) -> bool:
+        return self._save(*self._snapshot())
 
     def _final_checkpoint(self) -> None:
-        if self._last_ckpt_step != self.c.recorder.env_steps:
-            self._checkpoint_sync()
+        if self._last_ckpt_step != self.c.recorder.env_steps and not self._checkpoint_sync():
+            kept = checkpoint.checkpoints(self.run_dir / "checkpoints")
+            raise RunError(f"the final checkpoint could not be written ({self._ckpt_error}); "
+                           + (f"the newest on disk is {kept[0]}" if kept else "no checkpoint on disk"))
 
     def _restore(self, path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
         c = self.c
@@ -373,6 +443,12 @@ class Trainer:
             "insert_wait_s": stats["insert_wait_s"], "sample_wait_s": stats["sample_wait_s"],
             "weight_staleness": max(a.staleness() for a in c.actors),
         }
+
+    def counters(self) -> dict[str, float]:
+        """Faults survived so far (``charts/`` in each row)."""
+        c = self.c
+        return {"skipped_updates": c.learner.guard.skipped_updates,
+                "env_errors": sum(getattr(a.env, "errors", 0) for a in c.actors if isinstance(a, Actor))}
 
     def _close(self, threads_before: int) -> None:
         if self.c is not None:

@@ -51,6 +51,8 @@ ERROR_CASES = {
     "resume_all_corrupt": (["run", "--resume", "corrupt_run", "--no-live"], "no loadable checkpoint"),
     "algo_cannot_run_env": (["run", "dqn", "--env", "Pendulum-v1", "--no-live", "--run-dir", "pend"],
                             "discrete actions"),
+    "unwritable_run_dir": (["run", "dqn", "--no-live", "--run-dir", "a_file/run", "--set",
+                            "actors.placement='inline'"], "cannot write the run directory a_file/run"),
 }
 
 
@@ -61,6 +63,7 @@ def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     cwd = tmp_path_factory.mktemp("cli")
     (cwd / "bad.toml").write_text("[env\nid = 'CartPole-v1'\n")
     (cwd / "not_a_run").mkdir()
+    (cwd / "a_file").write_text("a file where the run directory's parent should be")
     write_run_with_corrupt_checkpoints(cwd / "corrupt_run")
     commands = {"tiny_run": ["run", "dqn", *TINY_RUN, "--no-live", "--run-dir", "tiny_run"]}
     commands.update({name: args for name, (args, _) in ERROR_CASES.items()})

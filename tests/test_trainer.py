@@ -109,6 +109,8 @@ def test_cancel_writes_final_checkpoint_and_joins_threads(tmp_path, mode):
     threads_before = threading.active_count()
     trainer = Trainer(config("train.total_env_steps=10_000_000", f"train.mode='{mode}'"), run_dir=tmp_path)
 
+    stream = trainer.metrics()
+
     async def main():
         task = asyncio.create_task(trainer.run())
         while trainer.recorder is None or trainer.recorder.env_steps < 2000:
@@ -117,13 +119,20 @@ def test_cancel_writes_final_checkpoint_and_joins_threads(tmp_path, mode):
         started = time.perf_counter()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        rows = await asyncio.wait_for(_drain(stream), 1)  # the stream ends with the run
+        return elapsed, rows
 
-    elapsed = asyncio.run(main())
+    elapsed, rows = asyncio.run(main())
     assert elapsed < 5
+    assert rows and rows[-1]["env_steps"] >= 2000
     _, manifest, _ = checkpoint.load_latest(tmp_path / "checkpoints")
     assert manifest["env_steps"] >= 2000
     assert threading.active_count() == threads_before
+
+
+async def _drain(stream) -> list[dict]:
+    return [row async for row in stream]
 
 
 def test_resume_continues_counters(tmp_path):

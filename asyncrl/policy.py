@@ -1,0 +1,146 @@
+"""Greedy policies for inference: the live one of a running trainer (:meth:`Trainer.policy`) and
+one loaded from a run directory (:func:`load_policy`). Both are callables ``obs -> actions`` with a
+network of their own on the CPU."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from asyncrl import checkpoint as ckpt
+from asyncrl import registry
+from asyncrl.checkpoint import CheckpointError
+from asyncrl.config import Config, ConfigError, read_file, validate
+from asyncrl.core import Algorithm, EnvSpec
+
+if TYPE_CHECKING:
+    from asyncrl.trainer import Trainer
+
+
+def spec_to_dict(spec: EnvSpec) -> dict[str, Any]:
+    """An :class:`EnvSpec` as plain data (for a checkpoint's manifest)."""
+    data = dict(vars(spec))
+    data["obs_dtype"] = str(spec.obs_dtype)
+    for key in ("action_low", "action_high"):
+        data[key] = None if data[key] is None else np.asarray(data[key]).tolist()
+    data["obs_shape"], data["action_shape"] = list(spec.obs_shape), list(spec.action_shape)
+    return data
+
+
+def spec_from_dict(data: dict[str, Any]) -> EnvSpec:
+    data = dict(data)
+    data["obs_dtype"] = np.dtype(data["obs_dtype"])
+    data["obs_shape"], data["action_shape"] = tuple(data["obs_shape"]), tuple(data["action_shape"])
+    for key in ("action_low", "action_high"):
+        if data.get(key) is not None:
+            data[key] = np.asarray(data[key], np.float32)
+    return EnvSpec(**data)
+
+
+class Policy:
+    """Greedy actions of an algorithm's acting network: ``policy(obs)``.
+
+    One observation (shaped like ``spec.obs_shape``) gives one action; a batch gives a batch.
+    Calls are serialised by a lock, so any thread may call it; the network is the policy's own
+    (on the CPU), never one that the learner or an actor is using.
+    """
+
+    def __init__(self, algo: Algorithm, network: torch.nn.Module, spec: EnvSpec, version: int = 0,
+                 env_steps: int | None = None):
+        self.algo, self.network, self.spec = algo, network.eval(), spec
+        self.version = version  # weight version the network holds
+        self.env_steps = env_steps  # env steps of the checkpoint it was loaded from (loaded policies)
+        self._rng = np.random.default_rng(0)  # greedy acting draws nothing; the protocol wants one
+        self._lock = threading.Lock()
+
+    def __call__(self, obs: Any) -> np.ndarray:
+        obs = np.asarray(obs, dtype=self.spec.obs_dtype)
+        single = obs.shape == self.spec.obs_shape
+        if not single and obs.shape[1:] != self.spec.obs_shape:
+            raise ValueError(f"observation of shape {obs.shape}; {self.spec.env_id} expects "
+                             f"{self.spec.obs_shape} or a batch of them")
+        batch = torch.from_numpy(obs[None] if single else obs)
+        with self._lock:
+            self._refresh()
+            actions = self.algo.act(self.network, batch, 0, self._rng, greedy=True)
+        return actions[0] if single else actions
+
+    def _refresh(self) -> None:
+        """Loaded policies never change."""
+
+
+class LivePolicy(Policy):
+    """The policy a trainer is learning, refreshed from its weight store whenever a newer version
+    was published (the store's seqlock read: the learner never waits for it). It binds to the
+    trainer's networks at its first call, which must come once ``run()`` has built them."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+        self._bind_lock = threading.Lock()
+        self._store = None
+        self.version = -1
+
+    def __call__(self, obs: Any) -> np.ndarray:
+        if self._store is None:
+            self._bind()
+        return super().__call__(obs)
+
+    def _bind(self) -> None:
+        with self._bind_lock:
+            if self._store is not None:
+                return
+            c = self._trainer.c
+            if c is None:
+                raise RuntimeError("the trainer has not built its networks yet: "
+                                   "call the policy once run() has started")
+            super().__init__(c.algo, c.algo.make_acting_network(), c.spec, version=-1)
+            self._store = c.store  # last: other threads take it as "bound"
+
+    def _refresh(self) -> None:
+        version = self._store.pull(self.network, self.version)
+        if version is not None:
+            self.version = version
+
+
+def load_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> Policy:
+    """The greedy policy of a run's checkpoint (the newest loadable one unless ``checkpoint``
+    names one, e.g. ``step_000000050000``), built from the run's ``config.json`` on the CPU;
+    no env, replay or learner is made. Tensors load with ``torch.load(weights_only=True)``.
+
+    The algorithm's networks need the env's :class:`EnvSpec`: checkpoints carry it in their
+    manifest (so runs on a Python env factory load too, and no env library runs here); an older
+    checkpoint without it gets it from one env of the config's id. Raises
+    :class:`CheckpointError` (one line) when there is nothing loadable."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        config = validate(read_file(run_dir / "config.json"))
+    except ConfigError as exc:
+        raise CheckpointError(f"{run_dir}/config.json: {exc}") from None
+    if checkpoint is None:
+        path, manifest, state = ckpt.load_latest(run_dir / "checkpoints")
+    else:
+        path = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / checkpoint
+        manifest, state = ckpt.load(path)
+    spec = spec_from_dict(manifest["env_spec"]) if "env_spec" in manifest else _probe_spec(config)
+    cls = registry.get(config.algo.name)
+    algo = cls(spec, registry.algo_config(cls, config.algo.params), torch.device("cpu"))
+    try:
+        algo.load_state_dict(state["algo"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the run's config: {reason}") from None
+    return Policy(algo, algo.acting_network, spec, manifest.get("weight_version", 0),
+                  manifest.get("env_steps"))
+
+
+def _probe_spec(config: Config) -> EnvSpec:
+    from asyncrl.envs import make_env
+
+    with make_env(config.env.id, 1, None, config.train.seed, config.env.kwargs) as env:
+        return env.spec

@@ -1,0 +1,96 @@
+"""``python -m asyncrl eval``, ``list`` and ``plot``, called in process through ``cli.main``."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import sys
+
+import pytest
+
+from asyncrl import Trainer, cli
+from asyncrl.metrics import read_jsonl
+
+from test_cli import write_run_with_corrupt_checkpoints
+from test_trainer import SHORT
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tools") / "run"
+    trainer = Trainer.from_algo("dqn", overrides=[*SHORT, "train.mode='serial'", "train.total_env_steps=2000",
+                                                  "train.checkpoint_every=1000"], run_dir=path)
+    asyncio.run(trainer.run())
+    return path
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def test_eval_prints_mean_std_min_max_of_the_newest_checkpoint(run_dir, capsys):
+    assert cli.main(["eval", str(run_dir), "--episodes", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["episodes"] == 3 and out["env_steps"] == 2000 or out["env_steps"] > 2000
+    assert out["return_min"] <= out["return_mean"] <= out["return_max"] and out["return_std"] >= 0
+
+
+def test_eval_of_a_named_checkpoint(run_dir, capsys):
+    oldest = sorted(p.name for p in (run_dir / "checkpoints").iterdir())[0]
+    assert cli.main(["eval", str(run_dir), "--episodes", "2", "--checkpoint", oldest]) == 0
+    assert json.loads(capsys.readouterr().out)["env_steps"] == int(oldest.removeprefix("step_"))
+
+
+@pytest.mark.parametrize("case", ["not_a_run", "all_corrupt", "no_such_checkpoint", "zero_episodes"])
+def test_eval_errors_are_one_line_and_exit_2(tmp_path, run_dir, capsys, case):
+    if case == "all_corrupt":
+        write_run_with_corrupt_checkpoints(tmp_path / "corrupt")
+    argv = {"not_a_run": ["eval", str(tmp_path)],
+            "all_corrupt": ["eval", str(tmp_path / "corrupt")],
+            "no_such_checkpoint": ["eval", str(run_dir), "--checkpoint", "step_1"],
+            "zero_episodes": ["eval", str(run_dir), "--episodes", "0"]}[case]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and err.startswith("error:")
+
+
+def test_list_names_algorithms_configs_and_envs(capsys, monkeypatch, tmp_path):
+    assert cli.main(["list"]) == 0
+    text = "".join(capsys.readouterr())
+    assert "dqn" in text and "classic_control" in text and "CartPole-v1" in text and "atari" in text
+    assert len(text.splitlines()) < 40  # compact: families, not 1,600 ids
+    assert cli.main(["list", "--envs"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert "Pong-v5" in ids and len(ids) > 1000
+
+
+def test_plot_writes_an_image_of_runs_overlaid(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "both.png"
+    assert cli.main(["plot", str(run_dir), str(run_dir), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("eval/return_mean" in r for r in read_jsonl(run_dir / "metrics.jsonl"))
+
+
+def test_plot_without_matplotlib_is_one_line_and_exit_2(run_dir, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert cli.main(["plot", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "pip install" in err and "matplotlib" in err
+
+
+def test_plot_of_a_directory_without_metrics_exits_2(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

@@ -1,0 +1,180 @@
+"""Embedding: the trainer inside a host's event loop (metrics stream, live policy, no side
+effects, two trainers at once), load_policy, and the example policy server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+import asyncrl
+from algos.dqn import DQN
+from asyncrl import MetricStream, Trainer, build_config, checkpoint, load_policy
+from asyncrl.checkpoint import CheckpointError
+
+from test_trainer import SHORT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_from_algo_and_from_file_resolve_as_the_cli_does(tmp_path):
+    trainer = Trainer.from_algo("dqn", env="Acrobot-v1", overrides=["learner.batch_size=16"], run_dir=tmp_path)
+    assert trainer.config.env.id == "Acrobot-v1" and trainer.config.learner.batch_size == 16
+    assert trainer.config == build_config(DQN.preset, env_id="Acrobot-v1", algo="dqn",
+                                          overrides=["learner.batch_size=16"])
+    assert trainer.run_dir == tmp_path
+    from_file = Trainer.from_file(ROOT / "configs" / "dqn_cartpole.toml", overrides=["train.seed=3"])
+    assert from_file.config.train.seed == 3 and from_file.config.algo.name == "dqn"
+    with pytest.raises(asyncrl.ConfigError, match="did you mean: dqn"):
+        Trainer.from_algo("dqnn")
+
+
+def test_metric_stream_drops_the_oldest_rows_for_a_slow_consumer_and_ends_on_close():
+    stream = MetricStream(maxlen=3)
+    for i in range(5):
+        stream.push({"env_steps": i})
+    stream.close()
+    stream.push({"env_steps": 99})  # after the end: ignored
+
+    async def read():
+        return [row["env_steps"] async for row in stream]
+
+    assert asyncio.run(read()) == [2, 3, 4]
+    assert stream.dropped == 2
+
+
+def test_metric_stream_wakes_a_waiting_consumer_from_another_thread():
+    stream = MetricStream()
+
+    async def main():
+        threading.Timer(0.05, stream.push, [{"env_steps": 1}]).start()
+        threading.Timer(0.10, stream.close).start()
+        return [row async for row in stream]
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == [{"env_steps": 1}]
+
+
+def test_two_embedded_trainers_in_one_loop_stream_metrics_serve_policies_and_leave_no_trace(
+        tmp_path, capfd):
+    handlers_before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    policy_before = asyncio.get_event_loop_policy()
+    installed = []
+    trainers = [Trainer.from_algo("dqn", overrides=[*SHORT, f"train.seed={i}"], run_dir=tmp_path / f"run{i}")
+                for i in range(2)]
+    policies = [t.policy() for t in trainers]
+    with pytest.raises(RuntimeError, match="not built"):
+        policies[0](np.zeros(4, np.float32))
+
+    async def watch(trainer, policy):
+        rows, actions = [], []
+        async for row in trainer.metrics():
+            rows.append(row)
+            actions.append((policy(np.zeros(4, np.float32)), policy.version))  # while training runs
+        return rows, actions
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        add_signal_handler = type(loop).add_signal_handler
+        type(loop).add_signal_handler = lambda self, *a: installed.append(a)
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                *(t.run() for t in trainers), *(watch(t, p) for t, p in zip(trainers, policies))), 120)
+        finally:
+            type(loop).add_signal_handler = add_signal_handler
+
+    *results, watched0, watched1 = asyncio.run(main())
+    assert not installed
+    assert {sig: signal.getsignal(sig) for sig in handlers_before} == handlers_before
+    assert asyncio.get_event_loop_policy() is policy_before
+    assert capfd.readouterr().out == ""
+
+    for trainer, result, (rows, actions) in zip(trainers, results, (watched0, watched1)):
+        assert result["env_steps"] >= 3000
+        _, manifest, _ = checkpoint.load_latest(trainer.run_dir / "checkpoints")
+        assert manifest["env_steps"] == result["env_steps"]
+        on_disk = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["env_steps"] for r in rows] == [r["env_steps"] for r in on_disk]
+        assert any("eval/return_mean" in r for r in rows)
+        assert all(a in (0, 1) for a, _ in actions)
+        versions = [v for _, v in actions]
+        assert versions == sorted(versions) and versions[-1] > versions[0] >= 0
+    # The stream of a finished run ends at once.
+    assert asyncio.run(_collect(trainers[0].metrics())) == []
+
+    # The live policy after the run and the policy loaded from its final checkpoint agree.
+    obs = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    loaded = load_policy(trainers[0].run_dir)
+    assert loaded.env_steps == results[0]["env_steps"]
+    np.testing.assert_array_equal(loaded(obs), policies[0](obs))
+    assert loaded(obs[0]) == loaded(obs)[0]  # one observation, one action
+    with pytest.raises(ValueError, match="expects"):
+        loaded(np.zeros(3))
+
+
+async def _collect(stream):
+    return [row async for row in stream]
+
+
+def test_load_policy_without_a_spec_in_the_manifest_probes_the_env(tmp_path):
+    trainer = Trainer.from_algo("dqn", overrides=[*SHORT, "train.total_env_steps=600", "train.mode='serial'"],
+                                run_dir=tmp_path)
+    asyncio.run(trainer.run())
+    path = checkpoint.checkpoints(tmp_path / "checkpoints")[0]
+    manifest = msgpack.unpackb((path / checkpoint.MANIFEST).read_bytes(), strict_map_key=False)
+    spec = manifest.pop("env_spec")
+    assert spec["obs_shape"] == [4] and spec["num_actions"] == 2
+    (path / checkpoint.MANIFEST).write_bytes(msgpack.packb(manifest))
+    policy = load_policy(tmp_path, path.name)
+    assert policy.spec.obs_shape == (4,) and policy.spec.num_actions == 2
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        load_policy(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_policy(tmp_path, "step_999")
+
+
+def test_policy_server_example_answers_while_training(tmp_path):
+    cmd = [sys.executable, str(ROOT / "examples" / "policy_server.py"), "--port", "0",
+           "--run-dir", str(tmp_path / "run"), "--set", "train.total_env_steps=10_000_000",
+           "--set", "replay.min_size_to_sample=500", "--set", "train.eval_every=100000",
+           "--set", "train.eval_episodes=2", "--set", "actors.placement='inline'"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line + proc.stderr.read()
+        host, port = line.split()[-1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=60) as conn:
+            f = conn.makefile("rw")
+            deadline = time.time() + 90
+            while True:  # until the learner has published: the run is training meanwhile
+                f.write(json.dumps({"obs": [0.0, 0.1, 0.0, -0.1]}) + "\n")
+                f.flush()
+                reply = json.loads(f.readline())
+                if reply.get("weight_version", 0) > 1:
+                    break
+                assert "action" in reply or "not built" in reply["error"], reply
+                assert time.time() < deadline, reply
+                time.sleep(0.1)
+            assert reply["action"] in (0, 1), reply
+            f.write('{"obs": "not an observation"}\n')
+            f.flush()
+            assert "error" in json.loads(f.readline())
+        proc.send_signal(signal.SIGTERM)  # stop training early: final checkpoint, then exit
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert checkpoint.checkpoints(tmp_path / "run" / "checkpoints")
+    assert summary["env_steps"] > 0

@@ -1,0 +1,247 @@
+"""Faults a run survives or stops on cleanly: non-finite updates, failing Gymnasium envs, checkpoint
+writes that fail, an unwritable run directory."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import os
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+from algos.dqn import DQN
+from asyncrl import ConfigError, RunError, Trainer, checkpoint
+from asyncrl.envs import make_env
+from asyncrl.faults import NonFiniteGuard
+from asyncrl.metrics import read_jsonl
+
+from test_trainer import SHORT
+
+SERIAL = [*SHORT, "train.mode='serial'", "train.total_env_steps=2000", "train.checkpoint_every=1000"]
+
+
+def run(trainer: Trainer, timeout: float = 120) -> dict:
+    return asyncio.run(asyncio.wait_for(trainer.run(), timeout))
+
+
+def all_finite(state) -> bool:
+    if isinstance(state, torch.Tensor):
+        return bool(torch.isfinite(state).all()) if state.is_floating_point() else True
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    return True
+
+
+def poison_updates(monkeypatch, bad) -> None:
+    """DQN updates whose weights and loss turn NaN when ``bad(call_index)``."""
+    real, calls = DQN.update, [0]
+
+    def update(self, batch):
+        metrics, priorities = real(self, batch)
+        calls[0] += 1
+        if bad(calls[0]):
+            with torch.no_grad():
+                for p in self.q.parameters():
+                    p.fill_(math.nan)
+            metrics["td_loss"] = torch.tensor(math.nan)
+        return metrics, priorities
+
+    monkeypatch.setattr(DQN, "update", update)
+
+
+# --- non-finite updates -------------------------------------------------------------------------
+
+
+def test_guard_checks_every_metric_and_rolls_back():
+    guard = NonFiniteGuard(max_in_a_row=3)
+    assert guard.finite([{"a": 1.0, "b": torch.tensor(2.0)}])
+    assert not guard.finite([{"a": 1.0}, {"a": torch.tensor(math.inf)}])
+    assert not guard.finite([{"a": math.nan}])
+
+    class Algo:
+        def __init__(self):
+            self.w = torch.ones(3)
+
+        def state_dict(self):
+            return {"w": self.w}
+
+        def load_state_dict(self, state):
+            self.w = state["w"].clone()
+
+    algo = Algo()
+    guard.before_chunk(algo)  # the first snapshot
+    algo.w += 1  # a good update
+    assert guard.check(algo, [{"loss": 1.0}]) and guard.skipped_updates == 0
+    guard.before_chunk(algo)  # no new snapshot yet: one every 32 updates
+    algo.w.fill_(math.nan)  # what a bad update does in place
+    assert not guard.check(algo, [{"loss": math.nan}, {"loss": 1.0}])
+    # Both updates of the chunk are skipped; the good one before it is lost with them.
+    assert torch.equal(algo.w, torch.ones(3)) and guard.skipped_updates == 2
+    # After a rollback, a snapshot before every chunk: a bad chunk costs only itself.
+    guard.before_chunk(algo)
+    algo.w += 1
+    assert guard.check(algo, [{"loss": 1.0}]) and guard.in_a_row == 0
+    guard.before_chunk(algo)
+    algo.w.fill_(math.inf)
+    assert not guard.check(algo, [{"loss": torch.tensor(math.inf)}])
+    assert torch.equal(algo.w, torch.full((3,), 2.0))
+    with pytest.raises(RunError, match="3 updates in a row"):
+        guard.before_chunk(algo)
+        guard.check(algo, [{"loss": math.nan}] * 2)
+
+
+def test_a_batch_with_nan_rewards_leaves_dqn_as_it_was():
+    from asyncrl.core import EnvSpec, TransitionBatch
+
+    spec = EnvSpec("CartPole-v1", (4,), np.dtype(np.float32), "discrete", 2, ())
+    algo = DQN(spec, DQN.Config(), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+
+    def batch(reward: float) -> TransitionBatch:
+        return TransitionBatch(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g),
+                               torch.full((32,), reward), torch.full((32,), 0.99),
+                               torch.randn(32, 4, generator=g), torch.ones(32))
+
+    guard = NonFiniteGuard(max_in_a_row=5, snapshot_every=2)
+    for _ in range(3):  # snapshots before the 1st and the 3rd update
+        guard.before_chunk(algo)
+        assert guard.check(algo, [algo.update(batch(1.0))[0]])
+    guard.before_chunk(algo)
+    assert not guard.check(algo, [algo.update(batch(math.nan))[0]])
+    # Back to the snapshot after two updates: the NaN update and the 3rd are not applied.
+    assert all_finite(algo.state_dict()) and algo.updates == 2
+    snapshot = {k: v.clone() for k, v in algo.q.state_dict().items()}
+    guard.before_chunk(algo)
+    assert guard.check(algo, [algo.update(batch(1.0))[0]])  # learning goes on from there
+    assert all_finite(algo.state_dict()) and algo.updates == 3
+    assert any(not torch.equal(v, snapshot[k]) for k, v in algo.q.state_dict().items())
+
+
+def test_nonfinite_updates_are_skipped_counted_and_kept_out_of_the_weights(tmp_path, monkeypatch):
+    poison_updates(monkeypatch, lambda i: i % 5 == 0)
+    result = run(Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    skipped = rows[-1]["charts/skipped_updates"]
+    assert skipped > 0 and result["updates"] > skipped
+    assert all(r["losses/td_loss"] is not None for r in rows if "losses/td_loss" in r)
+    for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
+        assert all_finite(checkpoint.load(path)[1]["algo"])
+    # Good updates lost to rollbacks: only those before the first bad one (then a snapshot per
+    # chunk keeps each rollback to the bad update alone).
+    applied = checkpoint.load_latest(tmp_path / "checkpoints")[2]["algo"]["updates"]
+    assert result["updates"] - 4 == applied
+
+
+def test_nonfinite_updates_in_a_row_stop_the_run_with_one_line_and_finite_checkpoints(tmp_path, monkeypatch):
+    poison_updates(monkeypatch, lambda i: i > 150)  # after the first checkpoint (~60 updates)
+    cfg = [*SERIAL, "train.total_env_steps=1_000_000", "learner.max_nonfinite_in_a_row=20"]
+    with pytest.raises(RunError, match="20 updates in a row had a non-finite td_loss") as info:
+        run(Trainer.from_algo("dqn", overrides=cfg, run_dir=tmp_path))
+    assert "\n" not in str(info.value)
+    found = checkpoint.checkpoints(tmp_path / "checkpoints")
+    assert found and all(all_finite(checkpoint.load(p)[1]["algo"]) for p in found)
+
+
+# --- Gymnasium envs that raise --------------------------------------------------------------------
+
+
+class FlakyCartPole(gymnasium.Wrapper):
+    """CartPole whose n-th ``step`` call raises when ``failing(n)``."""
+
+    def __init__(self, failing):
+        super().__init__(gymnasium.make("CartPole-v1"))
+        self.failing, self.calls = failing, 0
+
+    def step(self, action):
+        self.calls += 1
+        if self.failing(self.calls):
+            raise RuntimeError("simulator crashed")
+        return self.env.step(action)
+
+
+def test_failing_env_is_reset_counted_and_logged_then_stops_the_run(caplog):
+    rules = iter([lambda n: n == 2, lambda n: n >= 3])  # env 0 fails once; env 1 from its 3rd step on
+    env = make_env("Flaky-v0", 2, seed=1, env_fn=lambda: FlakyCartPole(next(rules)), max_errors_in_a_row=2)
+    zeros = np.zeros(2, np.int64)
+    env.async_reset()
+    ids = env.recv().env_ids
+    env.send(zeros, ids)
+    before = env.recv()  # step 1 of both
+    with caplog.at_level(logging.WARNING, logger="asyncrl"):
+        env.send(zeros, ids)
+        step = env.recv()  # env 0 raises
+    assert env.errors == 1
+    assert step.truncated.tolist() == [True, False] and step.rewards[0] == 0
+    np.testing.assert_array_equal(step.obs[0], before.obs[0])  # its last good observation
+    assert "Flaky-v0 #0 raised RuntimeError: simulator crashed; resetting it" in caplog.text
+    env.send(zeros, ids)
+    step = env.recv()  # env 0 is reset (a new episode, like an auto-reset); env 1 raises
+    assert step.truncated.tolist() == [False, True] and env.errors == 2
+    with pytest.raises(RunError, match=r"env Flaky-v0 #1 failed 3 times in a row .*simulator crashed"):
+        for _ in range(10):  # env 1: reset, fail, reset, fail: its resets do not end the streak
+            env.send(zeros, ids)
+            env.recv()
+    env.close()
+
+
+def test_a_run_survives_a_flaky_env_and_counts_the_errors(tmp_path):
+    trainer = Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path,
+                                env_fn=lambda: FlakyCartPole(lambda n: n % 97 == 0))
+    result = run(trainer)
+    assert result["env_steps"] >= 2000
+    errors = read_jsonl(tmp_path / "metrics.jsonl")[-1]["charts/env_errors"]
+    assert errors >= 10
+
+
+def test_an_env_that_always_fails_stops_the_run_with_one_line(tmp_path):
+    trainer = Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path,
+                                env_fn=lambda: FlakyCartPole(lambda n: True))
+    with pytest.raises(RunError, match="failed 4 times in a row"):
+        run(trainer)
+
+
+# --- checkpoint writes that fail, an unwritable run directory ---------------------------------------
+
+
+def failing_saves(monkeypatch, fail) -> list[int]:
+    """checkpoint.save raises ENOSPC for the calls where ``fail(call_index)``."""
+    real, calls = checkpoint.save, []
+
+    def save(directory, env_steps, *args, **kwargs):
+        calls.append(env_steps)
+        if fail(len(calls)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return real(directory, env_steps, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    return calls
+
+
+def test_a_failed_checkpoint_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    calls = failing_saves(monkeypatch, lambda n: n == 1)
+    with caplog.at_level(logging.ERROR, logger="asyncrl"):
+        result = run(Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path))
+    assert f"checkpoint at {calls[0]} env steps failed (No space left on device" in caplog.text
+    assert len(calls) >= 2
+    _, manifest, _ = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert manifest["env_steps"] == result["env_steps"]
+
+
+def test_a_final_checkpoint_that_cannot_be_written_fails_the_run(tmp_path, monkeypatch):
+    calls = failing_saves(monkeypatch, lambda n: n > 1)
+    with pytest.raises(RunError, match="final checkpoint could not be written.*newest on disk is .*step_0"):
+        run(Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path))
+    _, manifest, _ = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert manifest["env_steps"] == calls[0] < calls[-1]  # the first one, untouched
+
+
+def test_an_unwritable_run_directory_is_a_config_error_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    trainer = Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path / "a_file" / "run")
+    with pytest.raises(ConfigError, match="cannot write the run directory"):
+        run(trainer)
