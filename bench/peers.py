@@ -50,6 +50,7 @@ from asyncrl.trainer import Trainer
 class Variant:
     label: str
     overrides: tuple[str, ...]
+    gradient_steps_per_update: int = 1  # PPO: an asyncrl update is a rollout's epochs x minibatches
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,12 @@ WORKLOADS = (
                          (*DQN_MATCHED, "algo.double=false", "algo.dueling=false", "algo.n_step=1")),
                  Variant("asyncrl, 8 envs, double dueling 3-step", DQN_MATCHED),
              )),
-    # The asyncrl overrides below are engine settings only; the algorithm's own hyperparameters
-    # join them when the algorithm lands.
+    # asyncrl's PPO preset is RL-Zoo's CartPole setting (8 envs x 32 steps, one 256-step
+    # minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus); the
+    # rollout's 20 gradient steps are one asyncrl update.
     Workload("PPO CartPole-v1, RL-Zoo (8 envs, n_steps 32, batch 256, 20 epochs)", "ppo", 100_000,
              "SB3 PPO, 8 envs", sb3_ppo_cartpole, sb3_ppo_gradient_steps, (
-                 Variant("asyncrl, 8 envs", ("env.id='CartPole-v1'", "env.num_envs=8",
-                                             "learner.batch_size=256")),
+                 Variant("asyncrl, 8 envs", ("env.id='CartPole-v1'", "env.num_envs=8"), 20),
              )),
     Workload("SAC Pendulum-v1, an update per env step", "sac", 20_000,
              "SB3 SAC, 1 env", sb3_sac_pendulum, sb3_updates, (
@@ -158,7 +159,7 @@ def run_asyncrl(workload: Workload, variant: Variant, steps: int, threads: int,
     with tempfile.TemporaryDirectory() as run_dir:
         result = asyncio.run(Trainer(config, run_dir=run_dir).run())
     wall = result["train_wall_s"]
-    return result["env_steps"] / wall, result["updates"] / wall
+    return result["env_steps"] / wall, result["updates"] * variant.gradient_steps_per_update / wall
 
 
 # --- the benchmark ------------------------------------------------------------------------------
