@@ -269,11 +269,12 @@ class OnPolicyActor(Actor):
         t0 = time.perf_counter()
         pending = self.adder.pending(step.env_ids)
         self.observe(step)
+        self.recorder.timer.add("insert", time.perf_counter() - t0)
         if pending and self.wait_for_learner and self.learn_now is not None:
             self.learn_now()
-        return self._act(step, t0)
+        return self._act(step)
 
-    def _act(self, step: Step, t0: float) -> np.ndarray:
+    def _act(self, step: Step) -> np.ndarray:
         t1 = time.perf_counter()
         if self._batches % self.pull_every == 0 or self.wait_for_learner:
             version = self.store.pull(self.network, self.weight_version)
@@ -283,7 +284,6 @@ class OnPolicyActor(Actor):
         out = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
         actions, extras = split_actions(out)
         self.adder.record_actions(step.env_ids, actions, extras, self.weight_version)
-        self.recorder.timer.add("insert", t1 - t0)
         self.recorder.timer.add("inference", time.perf_counter() - t1)
         return actions
 
@@ -300,13 +300,15 @@ class OnPolicyActor(Actor):
                     await limiter.await_insert(pending)
                 t2 = time.perf_counter()
                 self.observe(step)
+                t3 = time.perf_counter()
                 if pending and self.wait_for_learner:
                     await self._await_new_weights(limiter)
-                t3 = time.perf_counter()
-                self.env.send(self._act(step, t2), step.env_ids)
+                t4 = time.perf_counter()
+                self.env.send(self._act(step), step.env_ids)
                 timer.add("env_wait", t1 - t0)
                 timer.add("insert_wait", t2 - t1)
-                timer.add("learner_wait", time.perf_counter() - t3)
+                timer.add("insert", t3 - t2)
+                timer.add("learner_wait", t4 - t3)
                 if on_steps():
                     return
         except LimiterStopped:

@@ -1,7 +1,7 @@
 """asyncrl beside Stable-Baselines3: env steps/s of the same work, in one process, interleaved.
 
     pip install -e ".[bench]"
-    python bench/peers.py [--steps N] [--repeats K] [--threads auto|N] [--json FILE]
+    python bench/peers.py [--steps N] [--repeats K] [--threads auto|N] [--only ALGO] [--json FILE]
 
 Each workload is one entry of WORKLOADS: a name, how to build the SB3 model, and the asyncrl
 variants (config overrides on the algorithm's preset). For every row the torch thread count is
@@ -115,11 +115,14 @@ WORKLOADS = (
                  Variant("asyncrl, 8 envs, double dueling 3-step", DQN_MATCHED),
              )),
     # asyncrl's PPO preset is RL-Zoo's CartPole setting (8 envs x 32 steps, one 256-step
-    # minibatch, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus); the
-    # rollout's 20 gradient steps are one asyncrl update.
+    # minibatch, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus) with 10 epochs;
+    # the matched row runs RL-Zoo's 20. A rollout's gradient steps are one asyncrl update.
     Workload("PPO CartPole-v1, RL-Zoo (8 envs, n_steps 32, batch 256, 20 epochs)", "ppo", 100_000,
              "SB3 PPO, 8 envs", sb3_ppo_cartpole, sb3_ppo_gradient_steps, (
-                 Variant("asyncrl, 8 envs", ("env.id='CartPole-v1'", "env.num_envs=8"), 20),
+                 Variant("asyncrl, 8 envs, 20 epochs (RL-Zoo's)",
+                         ("env.id='CartPole-v1'", "env.num_envs=8", "algo.epochs=20"), 20),
+                 Variant("asyncrl, 8 envs, 10 epochs (the preset)",
+                         ("env.id='CartPole-v1'", "env.num_envs=8"), 10),
              )),
     Workload("SAC Pendulum-v1, an update per env step", "sac", 20_000,
              "SB3 SAC, 1 env", sb3_sac_pendulum, sb3_updates, (
@@ -243,6 +246,7 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=10_000,
                         help="env steps of each thread-count probe (--threads auto)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    parser.add_argument("--only", metavar="ALGO", help="run only this algorithm's workload (dqn, ppo, sac)")
     args = parser.parse_args()
     try:
         import stable_baselines3
@@ -255,6 +259,8 @@ def main() -> None:
     known = registry.names()
     rows: list[Row] = []
     for workload in WORKLOADS:
+        if args.only and workload.algo != args.only:
+            continue
         if workload.algo not in known:
             print(f"skipped {workload.name.split(',')[0]}: asyncrl has no {workload.algo} yet")
             continue
