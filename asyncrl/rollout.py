@@ -293,7 +293,13 @@ class OnPolicyActor(Actor):
         try:
             while True:
                 t0 = time.perf_counter()
-                step = await self.env.arecv()
+                if self.wait_for_learner:
+                    # Acting and learning alternate, so nothing else needs the loop while the
+                    # envs step, and a thread hand-off per batch costs more than a small env's step.
+                    step = self.env.recv()
+                    await asyncio.sleep(0)
+                else:
+                    step = await self.env.arecv()
                 t1 = time.perf_counter()
                 pending = self.adder.pending(step.env_ids)
                 if pending:
