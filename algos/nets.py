@@ -90,3 +90,71 @@ def action_bounds(spec: EnvSpec) -> tuple[torch.Tensor, torch.Tensor]:
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         raise ValueError(f"needs bounded actions; {spec.env_id} has infinite bounds")
     return (high - low) / 2, (high + low) / 2
+def _layer(layer: nn.Linear, gain: float) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    """A policy and a value head for on-policy algorithms (PPO, IMPALA).
+
+    Vector observations: separate tanh MLPs for the policy and the value (sharing hurts both on
+    small control tasks). Frames: one Nature CNN torso under both heads. Discrete actions give
+    logits; continuous ones a Gaussian mean with a state-independent log standard deviation.
+    Orthogonal initialisation, small on the policy output (a near-uniform first policy).
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, action_dim: int,
+                 hidden: list[int], init_log_std: float = 0.0):
+        super().__init__()
+        self.pixels = len(obs_shape) == 3
+        self.continuous = num_actions == 0
+        outputs = action_dim if self.continuous else num_actions
+        if self.pixels:
+            self.torso: nn.Module | None = NatureCNN(obs_shape[0])
+            features = self.torso.out_features
+            self.policy_body: nn.Module = nn.Identity()
+            self.value_body: nn.Module = nn.Identity()
+            policy_in = value_in = features
+        else:
+            self.torso = None
+            size = 1
+            for dim in obs_shape:
+                size *= dim
+            self.policy_body, self.value_body = _tanh_mlp(size, hidden), _tanh_mlp(size, hidden)
+            policy_in = value_in = hidden[-1]
+        self.policy_head = _layer(nn.Linear(policy_in, outputs), 0.01)
+        self.value_head = _layer(nn.Linear(value_in, 1), 1.0)
+        self.log_std = nn.Parameter(torch.full((action_dim,), init_log_std)) if self.continuous else None
+        with torch.no_grad():  # materialise LazyLinear: the weight store's size is fixed from here
+            self.forward(torch.zeros((1, *obs_shape)))
+
+    def _features(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.torso is not None:
+            features = self.torso(obs)
+            return features, features
+        flat = obs.float().flatten(1)
+        return flat, flat
+
+    def policy(self, obs: torch.Tensor) -> torch.Tensor:
+        """Logits (discrete) or the Gaussian mean (continuous)."""
+        features, _ = self._features(obs)
+        return self.policy_head(self.policy_body(features))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        _, features = self._features(obs)
+        return self.value_head(self.value_body(features)).squeeze(-1)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        policy_features, value_features = self._features(obs)
+        return (self.policy_head(self.policy_body(policy_features)),
+                self.value_head(self.value_body(value_features)).squeeze(-1))
+
+
+def _tanh_mlp(in_features: int, hidden: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [_layer(nn.Linear(in_features, width), 2 ** 0.5), nn.Tanh()]
+        in_features = width
+    return nn.Sequential(*layers)

@@ -21,8 +21,10 @@ cost learning), and overlap efficiency = end-to-end env steps/s / min(acting env
 learner updates/s x inserts per update): how close the whole run gets to its slower side alone.
 
 The algorithm is touched only through the :class:`~asyncrl.core.Algorithm` protocol: its
-constructor and ``update`` on a synthetic batch. A new kind of data (trajectories for PPO) needs
-one more case in :func:`synthetic_batch`, nothing else.
+constructor and ``update`` on a synthetic batch. On-policy data (trajectories through the
+rollout queue) is measured alike: acting drains the queue with a learner that only takes and
+(for PPO, whose actors wait for new weights) republishes; the learner mode's queue is kept full
+of synthetic trajectories.
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ from rich.text import Text
 
 from asyncrl import registry
 from asyncrl.config import Config, ConfigError, deep_merge, validate
-from asyncrl.core import Algorithm, EnvSpec, TransitionBatch, TransitionData
+from asyncrl.core import Algorithm, EnvSpec, TrajectoryBatch, TrajectoryData, TransitionBatch, TransitionData
 from asyncrl.envs import make_env
 from asyncrl.learner import pick_device
 from asyncrl.metrics import Recorder
+from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
+from asyncrl.rollout import RolloutQueue
 from asyncrl.trainer import Components, Trainer, build, placement
 
 # figure name -> (mode it comes from, unit)
@@ -112,8 +116,11 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
         torch.set_num_threads(threads_before)
     # Where the learner's updates run, as the trainer would run them.
     learner_runs = "serial" if config.train.mode == "serial" else "thread" if where == "inline" else "loop"
-    return summarize(config, runs, device=str(device), placement=where, learner_runs=learner_runs,
-                     seconds=seconds, warmup_s=warmup_s)
+    data = make_algo(config, spec, torch.device("cpu")).data
+    per_update = (_batch_size(config, data) * data.length if isinstance(data, TrajectoryData)
+                  else None)  # on-policy: every trajectory step is used once
+    return summarize(config, runs, per_update, device=str(device), placement=where,
+                     learner_runs=learner_runs, seconds=seconds, warmup_s=warmup_s)
 
 
 def run_bench(config: Config, **kwargs: Any) -> dict[str, Any]:
@@ -121,12 +128,15 @@ def run_bench(config: Config, **kwargs: Any) -> dict[str, Any]:
     return asyncio.run(bench(config, **kwargs))
 
 
-def summarize(config: Config, runs: dict[str, list[float]], **context: Any) -> dict[str, Any]:
-    """Medians, spreads and ratios of raw per-repeat figures."""
+def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: float | None = None,
+              **context: Any) -> dict[str, Any]:
+    """Medians, spreads and ratios of raw per-repeat figures. ``inserts_per_update``: env steps
+    one update consumes (default: from the replay's samples per insert)."""
     figures = {name: {"unit": FIGURES[name][1], "runs": values, "median": statistics.median(values),
                       "min": min(values), "max": max(values)} for name, values in runs.items()}
     median = {name: f["median"] for name, f in figures.items()}
-    inserts_per_update = config.learner.batch_size / config.replay.samples_per_insert
+    if inserts_per_update is None:
+        inserts_per_update = config.learner.batch_size / config.replay.samples_per_insert
     learner_env_steps = median["learner"] * inserts_per_update  # env steps/s the learner could serve
     bound = min(median["acting"], learner_env_steps)
     ratios = {
@@ -187,6 +197,8 @@ async def measure_acting(config: Config, seconds: float, warmup_s: float) -> flo
         async with asyncio.TaskGroup() as tg:
             for actor in c.actors:
                 tg.create_task(actor.run(c.limiter, lambda: done))
+            if isinstance(c.replay, RolloutQueue):
+                tg.create_task(_take_and_republish(c))
             try:
                 (rate,) = await _window(lambda: (recorder.env_steps,), lambda: recorder.env_steps > 0,
                                         seconds, warmup_s, "acting")
@@ -204,7 +216,7 @@ def measure_learning_ceiling(config: Config, spec: EnvSpec, seconds: float, warm
     """Updates/s of ``algo.update`` on one synthetic batch, nothing else."""
     device = pick_device(config.learner.device)
     algo = make_algo(config, spec, device)
-    batch = synthetic_batch(spec, algo.data, config.learner.batch_size, device,
+    batch = synthetic_batch(spec, algo.data, _batch_size(config, algo.data), device,
                             np.random.default_rng(config.train.seed))
     updates = 0
 
@@ -227,6 +239,8 @@ async def measure_learner(config: Config, seconds: float, warmup_s: float, in_th
     try:
         for actor in c.actors:
             actor.close()
+        if isinstance(c.replay, RolloutQueue):
+            return await _measure_trajectory_learner(c, seconds, warmup_s, in_thread)
         r = config.replay
         fill_replay(c.replay, c.spec, min(r.capacity, _REPLAY_FILL * r.min_size_to_sample),
                     np.random.default_rng(config.train.seed))
@@ -297,7 +311,77 @@ def synthetic_batch(spec: EnvSpec, data: Any, batch_size: int, device: torch.dev
             "weights": np.ones(batch_size, np.float32),
         }
         return TransitionBatch(**{k: torch.from_numpy(v).to(device) for k, v in fields.items()})
+    if isinstance(data, TrajectoryData):
+        fields, extras = synthetic_trajectories(spec, data, batch_size, rng)
+        return TrajectoryBatch(**{k: torch.from_numpy(v).to(device) for k, v in fields.items()},
+                               extras={k: torch.from_numpy(v).to(device) for k, v in extras.items()})
     raise NotImplementedError(f"bench has no synthetic batch for {type(data).__name__} yet")
+
+
+def synthetic_trajectories(spec: EnvSpec, data: TrajectoryData, n: int, rng: np.random.Generator
+                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``n`` random trajectories, time first, with a rare episode end (and its reset step)."""
+    t = data.length
+    terminated = rng.random((t, n)) < 0.01
+    applied = np.ones((t, n), bool)
+    applied[1:] = ~terminated[:-1]
+    fields = {
+        "obs": random_obs(spec, (t + 1) * n, rng).reshape(t + 1, n, *spec.obs_shape),
+        "actions": random_actions(spec, t * n, rng).reshape(t, n, *spec.action_shape),
+        "rewards": rng.standard_normal((t, n)).astype(np.float32),
+        "terminated": terminated, "truncated": np.zeros((t, n), bool), "applied": applied,
+        "weight_version": np.zeros(n, np.int64),
+    }
+    extras = {name: (-rng.random((t, n, *shape))).astype(dtype) for name, (shape, dtype) in data.extras.items()}
+    return fields, extras
+
+
+def _batch_size(config: Config, data: Any) -> int:
+    """Items per update: PPO takes every env's trajectory at once (see trainer.build)."""
+    if isinstance(data, TrajectoryData) and data.wait_for_learner:
+        return config.num_streams
+    return config.learner.batch_size
+
+
+async def _take_and_republish(c: Components) -> None:
+    """The acting mode's stand-in learner for on-policy data: take every batch at once and, where
+    actors wait for new weights, publish the same ones again."""
+    queue, batch = c.replay, c.learner.batch_size
+    try:
+        while True:
+            await queue.await_sample(batch)
+            queue.take(batch)
+            if c.algo.data.wait_for_learner:
+                c.store.publish(c.algo.acting_network)
+    except LimiterStopped:
+        return
+
+
+async def _measure_trajectory_learner(c: Components, seconds: float, warmup_s: float,
+                                      in_thread: bool) -> float:
+    """The learner mode for on-policy data: the queue is topped up with synthetic trajectories."""
+    queue, rng = c.replay, np.random.default_rng(c.config.train.seed)
+    fields, extras = synthetic_trajectories(c.spec, c.algo.data, 1, rng)
+    one = ({k: v.swapaxes(0, 1) if v.ndim > 1 else v for k, v in fields.items()},
+           {k: v.swapaxes(0, 1) for k, v in extras.items()})
+
+    async def feed() -> None:
+        try:
+            while True:
+                await queue.await_insert(1)
+                queue.put(*one)
+        except LimiterStopped:
+            return
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(feed())
+        tg.create_task(c.learner.run(in_thread=in_thread))
+        try:
+            (rate,) = await _window(lambda: (c.recorder.updates,), lambda: c.recorder.updates > 0,
+                                    seconds, warmup_s, "learner")
+        finally:
+            queue.stop()
+    return rate
 
 
 def fill_replay(replay: Replay, spec: EnvSpec, steps: int, rng: np.random.Generator) -> None:

@@ -78,6 +78,10 @@ class ReplayConfig(_Section):
         None, ge=0,
         description="Slack of the samples-per-insert ratio, in samples. None: ten actor batches' "
         "worth, at least two learner batches.")
+    queue_capacity: int | None = Field(
+        None, ge=1,
+        description="On-policy: trajectories the FIFO rollout queue holds (actors wait while it is "
+        "full). None: two learner batches, at least two per env. PPO: always one rollout.")
 
 
 class LearnerConfig(_Section):

@@ -1,8 +1,9 @@
 """The contracts between the engine and the algorithms: interfaces only.
 
 An algorithm (in ``algos/``) builds its networks from an :class:`EnvSpec`, names the data it needs
-(:class:`TransitionData`), selects actions with :meth:`Algorithm.act` and learns from a
-:class:`TransitionBatch` in :meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
+(:class:`TransitionData` off-policy, :class:`TrajectoryData` on-policy), selects actions with
+:meth:`Algorithm.act` and learns from a :class:`TransitionBatch` or :class:`TrajectoryBatch` in
+:meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
 replay: the engine owns those and hands it tensors.
 """
 
@@ -60,6 +61,46 @@ class TransitionBatch:
     weights: torch.Tensor  # importance weights (all ones for uniform replay)
 
 
+@dataclass(frozen=True)
+class TrajectoryData:
+    """On-policy data an algorithm asks for: fixed-length trajectories, one env each, handed to
+    the learner through a FIFO queue (every trajectory is consumed exactly once).
+
+    ``extras`` declares what :meth:`Algorithm.act` returns beside the actions (e.g. the behaviour
+    policy's log-probs), per env: name -> (shape, dtype), so actors and the queue preallocate it.
+    ``wait_for_learner``: after each trajectory, acting pauses until the learner has published
+    weights trained on it (policy lag 0, as PPO assumes); the learner then takes every env's
+    trajectory at once. Otherwise actors never wait for the learner (IMPALA) and only the queue's
+    capacity bounds them.
+    """
+
+    length: int
+    extras: dict[str, tuple[tuple[int, ...], np.dtype]]
+    wait_for_learner: bool = False
+
+
+@dataclass
+class TrajectoryBatch:
+    """Trajectories as tensors on the learner's device, time first: ``[T, B, ...]``.
+
+    Row t is one decision: ``obs[t]``, the ``actions[t]`` chosen there (with ``extras[t]``), and
+    what the env returned for it: ``rewards[t]``, ``terminated[t]`` (the episode ended: do not
+    bootstrap), ``truncated[t]`` (cut by a time limit: bootstrap from ``obs[t + 1]``, the episode's
+    final observation). ``obs`` has one more row, the bootstrap observation. ``applied[t]`` is
+    False where ``obs[t]`` was an episode's final observation: the env ignored that action and
+    reset (EnvPool's reset step), so row t is no transition and must be masked out.
+    """
+
+    obs: torch.Tensor  # [T + 1, B, *obs_shape]
+    actions: torch.Tensor  # [T, B, *action_shape]
+    rewards: torch.Tensor  # [T, B] float32
+    terminated: torch.Tensor  # [T, B] bool
+    truncated: torch.Tensor  # [T, B] bool
+    applied: torch.Tensor  # [T, B] bool
+    extras: dict[str, torch.Tensor]  # [T, B, *shape] each, as declared in TrajectoryData.extras
+    weight_version: torch.Tensor  # [B] int64: the weights that chose each trajectory's first action
+
+
 # Scalars; 0-dim tensors are welcome (the engine converts them only when it logs, sparing a
 # device sync per update).
 Metrics = dict[str, "float | torch.Tensor"]
@@ -76,7 +117,7 @@ class Algorithm(Protocol):
     def __init__(self, spec: EnvSpec, config: BaseModel, device: torch.device) -> None: ...
 
     @property
-    def data(self) -> TransitionData: ...
+    def data(self) -> TransitionData | TrajectoryData: ...
 
     @property
     def acting_network(self) -> torch.nn.Module:
@@ -94,14 +135,16 @@ class Algorithm(Protocol):
         env_steps: int,
         rng: np.random.Generator,
         greedy: bool = False,
-    ) -> np.ndarray:
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Actions for a batch of observations, with exploration unless ``greedy``.
-        ``env_steps`` drives exploration schedules; ``rng`` is the actor's own generator."""
+        ``env_steps`` drives exploration schedules; ``rng`` is the actor's own generator.
+        An algorithm whose :class:`TrajectoryData` declares extras returns ``(actions, extras)``."""
         ...
 
-    def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor | None]:
-        """One gradient step. Returns metrics (keys without prefix, e.g. ``td_loss``) and the new
-        priorities of the batch's items, or None when the algorithm does not use priorities."""
+    def update(self, batch: TransitionBatch | TrajectoryBatch) -> tuple[Metrics, torch.Tensor | None]:
+        """One update (off-policy: one gradient step; on-policy: all of a batch's epochs).
+        Returns metrics (keys without prefix, e.g. ``td_loss``) and the new priorities of the
+        batch's items, or None when the algorithm does not use priorities."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,3 +152,11 @@ class Algorithm(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def split_actions(out: np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(actions, extras)`` from what :meth:`Algorithm.act` returned (extras may be empty)."""
+    if isinstance(out, tuple):
+        return out
+    return out, {}

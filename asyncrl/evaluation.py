@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from asyncrl.core import Algorithm
+from asyncrl.core import Algorithm, split_actions
 from asyncrl.envs import VecEnv
 
 
@@ -23,5 +23,6 @@ def evaluate(env: VecEnv, algo: Algorithm, network: torch.nn.Module, rng: np.ran
         finished[ids] |= step.terminated | step.truncated
         if finished.all():
             return returns.tolist()  # the pool is reset again at the next evaluation
-        env.send(algo.act(network, torch.from_numpy(step.obs), 0, rng, greedy=True), ids)
+        actions, _ = split_actions(algo.act(network, torch.from_numpy(step.obs), 0, rng, greedy=True))
+        env.send(actions, ids)
     raise RuntimeError(f"evaluation did not finish {n} episodes within {max_steps} steps")

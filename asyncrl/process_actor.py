@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from asyncrl.actor import ActorBase
 from asyncrl.adders import NStepAdder
-from asyncrl.core import EnvSpec
+from asyncrl.core import EnvSpec, split_actions
 from asyncrl.envs import Step
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
@@ -47,7 +47,8 @@ def _shared(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
 class _Slabs:
     """``slots`` batches of one actor, in shared memory."""
 
-    def __init__(self, slots: int, batch: int, spec: EnvSpec):
+    def __init__(self, slots: int, batch: int, spec: EnvSpec,
+                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None):
         self.obs = _shared((slots, batch, *spec.obs_shape), spec.obs_dtype)
         self.rewards = _shared((slots, batch), np.dtype(np.float32))
         self.terminated = _shared((slots, batch), np.dtype(bool))
@@ -55,6 +56,8 @@ class _Slabs:
         self.env_ids = _shared((slots, batch), np.dtype(np.int64))
         self.actions = _shared((slots, batch, *spec.action_shape), spec.action_dtype)
         self.sizes = _shared((slots,), np.dtype(np.int64))
+        for name, (shape, dtype) in (extras or {}).items():  # what act() returns beside actions
+            setattr(self, f"extra_{name}", _shared((slots, batch, *shape), np.dtype(dtype)))
 
     def views(self) -> dict[str, np.ndarray]:
         return {name: tensor.numpy() for name, tensor in vars(self).items()}
@@ -94,7 +97,8 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
             if batches % pull_every == 0:
                 version = store.pull(network, version) or version
             batches += 1
-            actions = algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng)
+            actions, extras = split_actions(
+                algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng))
             env.send(actions, step.env_ids)  # the envs step while the slot is written
             t3 = time.perf_counter()
             slot, n = free.pop(), len(step.env_ids)
@@ -104,6 +108,8 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
             views["truncated"][slot, :n] = step.truncated
             views["env_ids"][slot, :n] = step.env_ids
             views["actions"][slot, :n] = actions
+            for name, value in extras.items():
+                views[f"extra_{name}"][slot, :n] = value
             views["sizes"][slot] = n
             conn.send_bytes(_READY.pack(slot, version, t1 - t0, t3 - t2, t2 - t1))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the loop stops us
@@ -117,12 +123,14 @@ class ProcessActor(ActorBase):
 
     def __init__(self, index: int, spec: EnvSpec, make_env_args: dict[str, Any], algo_name: str,
                  algo_params: dict[str, Any], store: WeightStore, adder: NStepAdder,
-                 recorder: Recorder, seed: int, pull_every: int, slots: int = 4):
+                 recorder: Recorder, seed: int, pull_every: int, slots: int = 4,
+                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None):
         num_envs = make_env_args["num_envs"]
         super().__init__(num_envs, store, adder, recorder)
         self.index = index
         batch = make_env_args.get("batch_size") or num_envs
-        self._slabs = _Slabs(slots, batch, spec)
+        self._extras = list(extras or {})
+        self._slabs = _Slabs(slots, batch, spec, extras)
         self._views = self._slabs.views()
         self._control = _shared((2,), np.dtype(np.int64))
         self._conn, child_conn = mp.Pipe()
@@ -170,9 +178,13 @@ class ProcessActor(ActorBase):
                     await limiter.await_insert(pending)
                 t1 = time.perf_counter()
                 self.observe(step)
-                self.adder.record_actions(step.env_ids, v["actions"][slot, :n])
-                self._conn.send_bytes(struct.pack("<i", slot))
                 self.weight_version = version
+                if self._extras:  # a trajectory adder: the policy's extras and version too
+                    self.adder.record_actions(step.env_ids, v["actions"][slot, :n],
+                                              {k: v[f"extra_{k}"][slot, :n] for k in self._extras}, version)
+                else:
+                    self.adder.record_actions(step.env_ids, v["actions"][slot, :n])
+                self._conn.send_bytes(struct.pack("<i", slot))
                 self._control[_ENV_STEPS] = self.recorder.env_steps
                 t2 = time.perf_counter()
                 timer.add("insert_wait", t1 - t0)

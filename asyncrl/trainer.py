@@ -22,7 +22,7 @@ from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError
-from asyncrl.core import Algorithm, EnvSpec
+from asyncrl.core import Algorithm, EnvSpec, TrajectoryData
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
 from asyncrl.faults import RunError
@@ -33,6 +33,7 @@ from asyncrl.process_actor import ProcessActor
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.stream import MetricStream
+from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, TrajectoryLearner
 from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
@@ -43,12 +44,12 @@ class Components:
     config: Config
     spec: EnvSpec
     algo: Algorithm
-    replay: Replay
-    limiter: RateLimiter
+    replay: Replay | RolloutQueue  # on-policy: the rollout queue is both the store and the limiter
+    limiter: RateLimiter | RolloutQueue
     store: WeightStore
     recorder: Recorder
     actors: list[Actor | ProcessActor]
-    learner: Learner
+    learner: Learner | TrajectoryLearner
 
 
 def placement(config: Config, device: torch.device, env_fn: Callable | None) -> str:
@@ -94,6 +95,14 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             env.close()
         raise
     data, r = algo.data, config.replay
+    if isinstance(data, TrajectoryData):
+        try:
+            return _build_on_policy(config, recorder, env_fn, spec, algo, data, device, where, envs,
+                                    env_args)
+        except BaseException:
+            for env in envs:
+                env.close()
+            raise
     # actors -> adders -> replay (under the limiter) -> learner -> weight store -> actors
     replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
                     spec.action_dtype, data.n_step, data.gamma,
@@ -130,6 +139,64 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
                       config.learner.publish_every, config.learner.max_updates_per_call,
                       importance_exponent, config.learner.max_nonfinite_in_a_row)
     return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner)
+
+
+def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None, spec: EnvSpec,
+                     algo: Algorithm, data: TrajectoryData, device: torch.device, where: str,
+                     envs: list[VecEnv], env_args: list[dict[str, Any]]) -> Components:
+    """The on-policy half of :func:`build`: actors -> trajectory adders -> FIFO rollout queue ->
+    learner -> weight store -> actors."""
+    e, n, streams = config.env, config.actors.num_actors, config.num_streams
+    if data.wait_for_learner:
+        # Acting pauses after each trajectory until the learner has trained on every env's one:
+        # one update per rollout, published at once, with the envs stepping in lock-step.
+        if e.actor_batch != e.num_envs:
+            raise ConfigError(f"{config.algo.name} acts on fresh weights after each rollout: leave "
+                              "env.batch_size unset (EnvPool's sync mode)")
+        if where == "process" and config.actors.placement == "auto":
+            where = "inline"  # acting and learning alternate: worker processes would not overlap them
+            envs.extend(make_env(**args, env_fn=env_fn) for args in env_args)
+        if where == "process":
+            raise ConfigError(f"{config.algo.name} alternates acting and learning (policy lag 0), so "
+                              "worker processes would not overlap them: use actors.placement = 'inline'")
+        batch, capacity, publish_every = streams, streams, 1
+    else:
+        batch, publish_every = config.learner.batch_size, config.learner.publish_every
+        capacity = config.replay.queue_capacity or 2 * max(batch, streams)
+        if batch > capacity:
+            raise ConfigError(f"learner.batch_size ({batch} trajectories) exceeds "
+                              f"replay.queue_capacity ({capacity})")
+    queue = RolloutQueue(capacity, data.length, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                         spec.action_dtype, data.extras)
+    store = WeightStore.for_module(algo.acting_network)
+    store.publish(algo.acting_network)
+
+    def adder(i: int) -> TrajectoryAdder:
+        return TrajectoryAdder(queue, e.num_envs, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                               spec.action_dtype, data.extras)
+
+    learner = TrajectoryLearner(algo, queue, store, recorder, device, batch, publish_every)
+    learner.acting_waits = data.wait_for_learner
+    actors: list[Actor | ProcessActor] = []
+    if where == "inline":
+        for i, env in enumerate(envs):
+            actor = OnPolicyActor(env, algo, store, adder(i), recorder, np.random.default_rng([config.train.seed, i]),
+                                  config.actors.pull_every)
+            actor.wait_for_learner = data.wait_for_learner
+            if config.train.mode == "serial":
+                actor.learn_now = learner.drain
+            actors.append(actor)
+    else:
+        try:
+            for i in range(n):
+                actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params,
+                                           store, adder(i), recorder, config.train.seed,
+                                           config.actors.pull_every, extras=data.extras))
+        except BaseException:
+            for actor in actors:
+                actor.close()
+            raise
+    return Components(config, spec, algo, queue, queue, store, recorder, actors, learner)
 
 
 def default_run_dir(config: Config) -> Path:
@@ -442,6 +509,7 @@ class Trainer:
             "replay_size": c.replay.size, "replay_fill": c.replay.fill,
             "insert_wait_s": stats["insert_wait_s"], "sample_wait_s": stats["sample_wait_s"],
             "weight_staleness": max(a.staleness() for a in c.actors),
+            **({"policy_lag": c.learner.policy_lag} if isinstance(c.learner, TrajectoryLearner) else {}),
         }
 
     def counters(self) -> dict[str, float]:

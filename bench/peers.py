@@ -1,7 +1,7 @@
 """asyncrl beside Stable-Baselines3: env steps/s of the same work, in one process, interleaved.
 
     pip install -e ".[bench]"
-    python bench/peers.py [--steps N] [--repeats K] [--threads auto|N] [--algos dqn,sac] [--json FILE]
+    python bench/peers.py [--steps N] [--repeats K] [--threads auto|N] [--algos dqn,ppo,sac] [--json FILE]
 
 Each workload is one entry of WORKLOADS: a name, how to build the SB3 model, and the asyncrl
 variants (config overrides on the algorithm's preset). For every row the torch thread count is
@@ -53,6 +53,7 @@ from asyncrl.trainer import Trainer
 class Variant:
     label: str
     overrides: tuple[str, ...]
+    gradient_steps_per_update: int = 1  # PPO: an asyncrl update is a rollout's epochs x minibatches
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,15 @@ WORKLOADS = (
                  Variant("asyncrl, 8 envs, double dueling 3-step, compiled update",
                          (*DQN_MATCHED, "algo.compile=true")),
              )),
-    # The asyncrl overrides below are engine settings only; the algorithm's own hyperparameters
-    # join them when the algorithm lands.
+    # asyncrl's PPO preset is RL-Zoo's CartPole setting (8 envs x 32 steps, one 256-step
+    # minibatch, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus) with 10 epochs;
+    # the matched row runs RL-Zoo's 20. A rollout's gradient steps are one asyncrl update.
     Workload("PPO CartPole-v1, RL-Zoo (8 envs, n_steps 32, batch 256, 20 epochs)", "ppo", 100_000,
              "SB3 PPO, 8 envs", sb3_ppo_cartpole, sb3_ppo_gradient_steps, (
-                 Variant("asyncrl, 8 envs", ("env.id='CartPole-v1'", "env.num_envs=8",
-                                             "learner.batch_size=256")),
+                 Variant("asyncrl, 8 envs, 20 epochs (RL-Zoo's)",
+                         ("env.id='CartPole-v1'", "env.num_envs=8", "algo.epochs=20"), 20),
+                 Variant("asyncrl, 8 envs, 10 epochs (the preset)",
+                         ("env.id='CartPole-v1'", "env.num_envs=8"), 10),
              )),
     Workload("SAC Pendulum-v1, [256, 256], batch 256, an update per env step", "sac", 5_000,
              "SB3 SAC, 1 gymnasium env", sb3_sac_pendulum, sb3_updates, (
@@ -172,7 +176,7 @@ def run_asyncrl(workload: Workload, variant: Variant, steps: int, threads: int,
     with tempfile.TemporaryDirectory() as run_dir:
         result = asyncio.run(Trainer(config, run_dir=run_dir).run())
     wall = result["train_wall_s"]
-    return result["env_steps"] / wall, result["updates"] / wall
+    return result["env_steps"] / wall, result["updates"] * variant.gradient_steps_per_update / wall
 
 
 # --- the benchmark ------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""IMPALA: an actor-critic learning from trajectories that actors produce without ever waiting
+for the learner; V-trace corrects for the policy lag (the learner's weight version minus the
+one that acted, logged as ``losses/policy_lag``) with importance weights clipped at rho-bar
+(the value targets and policy gradient) and c-bar (how far corrections carry back in time).
+Discrete actions; tanh MLPs for vectors, the Nature CNN for Atari frames.
+
+Episode boundaries as in PPO (``algos/ppo.py``): rows that are EnvPool's reset step are masked;
+nothing carries across an episode end; a truncated episode bootstraps from the value of its
+final observation, a terminated one from 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from algos.nets import ActorCritic
+from algos.ppo import log_prob_entropy, sample_actions
+from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
+
+
+class IMPALAConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(6e-4, gt=0, description="Adam learning rate at the start.")
+    anneal_env_steps: int = Field(
+        0, ge=0, description="Env steps over which the learning rate decays linearly to 0; 0: constant.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    trajectory_length: int = Field(20, ge=1, description="Steps per trajectory (T).")
+    rho_bar: float = Field(1.0, gt=0, description="Clip of the importance weights in the value "
+                           "targets and the policy gradient (rho-bar).")
+    c_bar: float = Field(1.0, gt=0, description="Clip of the trace-cutting importance weights (c-bar).")
+    value_coef: float = Field(0.5, ge=0, description="Weight of the value (baseline) loss.")
+    entropy_coef: float = Field(0.01, ge=0, description="Weight of the entropy bonus.")
+    max_grad_norm: float = Field(40.0, gt=0, description="Gradient-norm clip.")
+    hidden: list[int] = Field([64, 64], description="MLP widths (vector observations).")
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: list[int]) -> list[int]:
+        if not hidden or any(w < 1 for w in hidden):
+            raise ValueError("must list positive layer widths")
+        return hidden
+
+
+def vtrace(behaviour_log_probs: torch.Tensor, target_log_probs: torch.Tensor, rewards: torch.Tensor,
+           values: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor, gamma: float,
+           rho_bar: float, c_bar: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-trace value targets ``vs`` and policy-gradient advantages, both ``[T, B]``, from
+    ``values`` ``[T + 1, B]`` (the last row bootstraps). Espeholt et al. 2018, eq. (1) and
+    section 4.2; corrections stop at episode ends."""
+    ratios = (target_log_probs - behaviour_log_probs).exp()
+    rhos = ratios.clamp(max=rho_bar)
+    cs = ratios.clamp(max=c_bar)
+    not_terminated = (~terminated).float()
+    continues = (~(terminated | truncated)).float()
+    next_values = values[1:] * not_terminated
+    deltas = rhos * (rewards + gamma * next_values - values[:-1])
+    corrections = torch.empty_like(deltas)
+    carry = torch.zeros_like(deltas[0])
+    for t in range(len(deltas) - 1, -1, -1):
+        carry = deltas[t] + gamma * continues[t] * cs[t] * carry
+        corrections[t] = carry
+    vs = values[:-1] + corrections
+    # The target of the next state: v_s+1 within an episode, the final observation's value at a
+    # truncation, nothing at a termination.
+    vs_next = torch.cat([vs[1:], values[-1:]])
+    vs_next = torch.where(continues.bool(), vs_next, values[1:]) * not_terminated
+    advantages = rhos * (rewards + gamma * vs_next - values[:-1])
+    return vs, advantages
+
+
+class IMPALA:
+    Config: ClassVar[type[BaseModel]] = IMPALAConfig
+    # CartPole-v1 out of the box; stops at a greedy evaluation of 475 (BENCHMARKS.md).
+    preset: ClassVar[dict[str, Any]] = {
+        "algo": {"name": "impala", "lr": 1e-3, "trajectory_length": 16, "gamma": 0.99,
+                 "entropy_coef": 0.01},
+        "env": {"id": "CartPole-v1", "num_envs": 16},
+        "learner": {"batch_size": 16},
+        "train": {"total_env_steps": 300_000, "eval_every": 20_000, "eval_episodes": 20,
+                  "target_return": 475.0},
+    }
+
+    def __init__(self, spec: EnvSpec, config: IMPALAConfig, device: torch.device):
+        if spec.action_kind != "discrete":
+            raise ValueError(f"IMPALA here needs discrete actions; {spec.env_id} has continuous ones")
+        self.spec, self.config, self.device = spec, config, device
+        self.net = self.make_acting_network().to(device)
+        self._params = list(self.net.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=1e-5, fused=True)
+        self.updates = 0
+        self.env_steps = 0  # learned from: drives the learning-rate schedule
+
+    @property
+    def data(self) -> TrajectoryData:
+        return TrajectoryData(length=self.config.trajectory_length,
+                              extras={"log_prob": ((), np.dtype(np.float32))}, wait_for_learner=False)
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.net
+
+    def make_acting_network(self) -> ActorCritic:
+        return ActorCritic(self.spec.obs_shape, self.spec.num_actions, 0, self.config.hidden)
+
+    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
+            greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return sample_actions(network, self.spec, obs, rng, greedy)
+
+    def update(self, batch: TrajectoryBatch) -> tuple[Metrics, None]:
+        c = self.config
+        steps, envs = batch.rewards.shape
+        logits, values = self.net(batch.obs.flatten(0, 1))
+        logits = logits.view(steps + 1, envs, -1)[:-1]
+        values = values.view(steps + 1, envs)
+        log_probs, entropy = log_prob_entropy(self.net, logits, batch.actions)
+        with torch.no_grad():
+            vs, advantages = vtrace(batch.extras["log_prob"], log_probs, batch.rewards, values,
+                                    batch.terminated, batch.truncated, c.gamma, c.rho_bar, c.c_bar)
+        mask = batch.applied.float()
+        count = mask.sum().clamp(min=1.0)
+        policy_loss = -(advantages * log_probs * mask).sum() / count
+        value_loss = 0.5 * (((vs - values[:-1]) ** 2) * mask).sum() / count
+        entropy_mean = (entropy * mask).sum() / count
+        loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy_mean
+
+        self.env_steps += int(count.item())
+        if c.anneal_env_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = c.lr * max(0.0, 1.0 - self.env_steps / c.anneal_env_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self._params, c.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.updates += 1
+        with torch.no_grad():
+            clipped = ((log_probs - batch.extras["log_prob"]).exp() > c.rho_bar).float()
+        return {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                "entropy": entropy_mean.detach(), "grad_norm": grad_norm,
+                "rho_clip_fraction": (clipped * mask).sum() / count,
+                "learning_rate": self.optimizer.param_groups[0]["lr"]}, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates, "env_steps": self.env_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates, self.env_steps = int(state["updates"]), int(state["env_steps"])

@@ -1,0 +1,234 @@
+"""PPO (clipped surrogate): GAE(lambda) advantages, normalised per minibatch, an optionally
+clipped value loss, an entropy bonus, several epochs of minibatches over each rollout, a linearly
+annealed learning rate and gradient-norm clipping. Discrete (categorical) and continuous
+(Gaussian) actions; tanh MLPs for vectors, the Nature CNN for Atari frames.
+
+Acting waits for the weights trained on each rollout (``TrajectoryData.wait_for_learner``), so
+every rollout comes from the current policy (policy lag 0), as PPO assumes.
+
+Episode boundaries (EnvPool's "next step" auto-reset): a row whose observation was an episode's
+final one is not ``applied`` and is masked out; GAE never carries across an episode end; a
+terminated episode bootstraps with 0, a truncated one with the value of its final observation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from algos.nets import ActorCritic
+from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
+
+
+class PPOConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(2.5e-4, gt=0, description="Adam learning rate at the start.")
+    anneal_env_steps: int = Field(
+        0, ge=0, description="Env steps over which the learning rate decays linearly to 0; 0: constant.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda: bias (0) against variance (1).")
+    rollout_length: int = Field(128, ge=1, description="Steps per env between updates (T).")
+    epochs: int = Field(4, ge=1, description="Passes over each rollout.")
+    minibatch_size: int = Field(256, ge=1, description="Steps per gradient step.")
+    clip_coef: float = Field(0.2, gt=0, description="Surrogate clip: the ratio stays within 1 +- this.")
+    clip_value: bool = Field(True, description="Clip the value update to clip_coef around the old value.")
+    value_coef: float = Field(0.5, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.01, ge=0, description="Weight of the entropy bonus.")
+    normalize_advantages: bool = Field(True, description="Standardise advantages per minibatch.")
+    max_grad_norm: float = Field(0.5, gt=0, description="Gradient-norm clip.")
+    target_kl: float | None = Field(
+        None, gt=0, description="Stop a rollout's epochs early once the approximate KL exceeds this.")
+    hidden: list[int] = Field([64, 64], description="MLP widths (vector observations).")
+    init_log_std: float = Field(0.0, description="Continuous actions: initial log standard deviation.")
+
+    @field_validator("hidden")
+    @classmethod
+    def _widths(cls, hidden: list[int]) -> list[int]:
+        if not hidden or any(w < 1 for w in hidden):
+            raise ValueError("must list positive layer widths")
+        return hidden
+
+
+# --- the maths --------------------------------------------------------------------------------
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
+        applied: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates ``[T, B]`` from ``values`` ``[T + 1, B]`` (the last row
+    bootstraps). Rows not ``applied`` get 0; nothing carries across an episode end."""
+    not_terminated = (~terminated).float()
+    continues = (~(terminated | truncated)).float()
+    deltas = rewards + gamma * values[1:] * not_terminated - values[:-1]
+    advantages = torch.empty_like(deltas)
+    carry = torch.zeros_like(deltas[0])
+    for t in range(len(deltas) - 1, -1, -1):
+        carry = deltas[t] + gamma * lam * continues[t] * carry
+        advantages[t] = carry
+    return advantages * applied
+
+
+def log_prob_entropy(net: ActorCritic, params: torch.Tensor, actions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``actions`` and the entropy, from logits or a Gaussian mean."""
+    if net.log_std is None:
+        log_probs = torch.log_softmax(params, dim=-1)
+        chosen = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return chosen, -(log_probs.exp() * log_probs).sum(-1)
+    log_std = net.log_std.expand_as(params)
+    z = (actions - params) / log_std.exp()
+    log_prob = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
+    return log_prob, entropy
+
+
+@torch.no_grad()
+def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.random.Generator,
+                   greedy: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Actions from the policy with the actor's own generator, and their behaviour log-probs
+    (continuous: also the unclipped sample, which the log-prob belongs to)."""
+    params = net.policy(obs)
+    if net.log_std is None:
+        if greedy:
+            choice = params.argmax(-1)
+        else:  # Gumbel-max: a categorical sample from numpy's generator
+            noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32))
+            choice = (params + noise).argmax(-1)
+        log_prob, _ = log_prob_entropy(net, params, choice)
+        return choice.numpy(), {"log_prob": log_prob.numpy()}
+    raw = params
+    if not greedy:
+        noise = torch.from_numpy(rng.standard_normal(params.shape).astype(np.float32))
+        raw = params + net.log_std.exp() * noise
+    log_prob, _ = log_prob_entropy(net, params, raw)
+    actions = np.clip(raw.numpy(), spec.action_low, spec.action_high)
+    return actions, {"log_prob": log_prob.numpy(), "raw_action": raw.numpy()}
+
+
+# --- the algorithm ----------------------------------------------------------------------------
+
+
+class PPO:
+    Config: ClassVar[type[BaseModel]] = PPOConfig
+    # A built-in default that trains at once: CartPole-v1, stopping once a greedy evaluation
+    # reaches 475 (the env's reward threshold), within 100k env steps. RL-Zoo's settings with 10
+    # epochs instead of 20: half the gradient steps, about the same env steps (BENCHMARKS.md).
+    preset: ClassVar[dict[str, Any]] = {
+        "algo": {"name": "ppo", "lr": 1e-3, "anneal_env_steps": 100_000, "gamma": 0.98,
+                 "gae_lambda": 0.8, "rollout_length": 32, "epochs": 10, "minibatch_size": 256,
+                 "entropy_coef": 0.0, "clip_value": False},
+        "env": {"id": "CartPole-v1", "num_envs": 8},
+        "actors": {"placement": "inline"},
+        "train": {"total_env_steps": 100_000, "eval_every": 5_000, "eval_episodes": 20,
+                  "target_return": 475.0},
+    }
+
+    def __init__(self, spec: EnvSpec, config: PPOConfig, device: torch.device):
+        self.spec, self.config, self.device = spec, config, device
+        self.net = self.make_acting_network().to(device)
+        self._params = list(self.net.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=1e-5, fused=True)
+        self.updates = 0
+        self.env_steps = 0  # learned from: drives the learning-rate schedule
+
+    @property
+    def data(self) -> TrajectoryData:
+        extras: dict[str, tuple[tuple[int, ...], np.dtype]] = {"log_prob": ((), np.dtype(np.float32))}
+        if self.spec.action_kind == "continuous":
+            extras["raw_action"] = (self.spec.action_shape, np.dtype(np.float32))
+        return TrajectoryData(length=self.config.rollout_length, extras=extras, wait_for_learner=True)
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.net
+
+    def make_acting_network(self) -> ActorCritic:
+        s = self.spec
+        action_dim = s.action_shape[0] if s.action_kind == "continuous" else 0
+        return ActorCritic(s.obs_shape, s.num_actions, action_dim, self.config.hidden,
+                           self.config.init_log_std)
+
+    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
+            greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return sample_actions(network, self.spec, obs, rng, greedy)
+
+    def learning_rate(self) -> float:
+        c = self.config
+        if not c.anneal_env_steps:
+            return c.lr
+        return c.lr * max(0.0, 1.0 - self.env_steps / c.anneal_env_steps)
+
+    def update(self, batch: TrajectoryBatch) -> tuple[Metrics, None]:
+        c = self.config
+        steps, envs = batch.rewards.shape
+        with torch.no_grad():
+            values = self.net.value(batch.obs.flatten(0, 1)).view(steps + 1, envs)
+            advantages = gae(batch.rewards, values, batch.terminated, batch.truncated, batch.applied,
+                             c.gamma, c.gae_lambda)
+            returns = advantages + values[:-1]
+        # Only applied rows are transitions; the rest (EnvPool's reset steps) drop out here.
+        keep = batch.applied.flatten().nonzero().squeeze(1)
+        actions = batch.extras.get("raw_action", batch.actions)
+        obs = batch.obs[:-1].flatten(0, 1)[keep]
+        actions = actions.flatten(0, 1)[keep]
+        old_log_probs = batch.extras["log_prob"].flatten()[keep]
+        advantages, returns = advantages.flatten()[keep], returns.flatten()[keep]
+        old_values = values[:-1].flatten()[keep]
+        self.env_steps += len(keep)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+
+        count = len(keep)
+        size = min(c.minibatch_size, count)
+        whole = size == count  # one minibatch per epoch: no shuffling or gathering needed
+        metrics: Metrics = {}
+        for epoch in range(c.epochs):
+            order = None if whole else torch.randperm(count, device=obs.device)
+            for start in range(0, count - size + 1, size):
+                idx = slice(None) if order is None else order[start:start + size]
+                params, value = self.net(obs[idx])
+                log_prob, entropy = log_prob_entropy(self.net, params, actions[idx])
+                log_ratio = log_prob - old_log_probs[idx]
+                ratio = log_ratio.exp()
+                adv = advantages[idx]
+                if c.normalize_advantages and size > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                policy_loss = torch.max(-adv * ratio,
+                                        -adv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)).mean()
+                if c.clip_value:
+                    clipped = old_values[idx] + (value - old_values[idx]).clamp(-c.clip_coef, c.clip_coef)
+                    value_loss = 0.5 * torch.max((value - returns[idx]) ** 2,
+                                                 (clipped - returns[idx]) ** 2).mean()
+                else:
+                    value_loss = 0.5 * ((value - returns[idx]) ** 2).mean()
+                entropy = entropy.mean()
+                loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self._params, c.max_grad_norm, foreach=True)
+                self.optimizer.step()
+            # Statistics of the epoch's last minibatch only: a few ops less per gradient step.
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+                metrics = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                           "entropy": entropy.detach(), "approx_kl": approx_kl,
+                           "clip_fraction": ((ratio - 1).abs() > c.clip_coef).float().mean()}
+            if c.target_kl is not None and approx_kl > c.target_kl:
+                break
+        self.updates += 1
+        metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        return metrics, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates, "env_steps": self.env_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates, self.env_steps = int(state["updates"]), int(state["env_steps"])

@@ -1,0 +1,186 @@
+"""PPO and IMPALA through the trainer: both modes, process actors, resume, configs, learning."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from algos.impala import IMPALA, IMPALAConfig
+from algos.ppo import PPO, PPOConfig
+from asyncrl import checkpoint
+from asyncrl.config import ConfigError, build_config
+from asyncrl.core import EnvSpec
+from asyncrl.metrics import read_jsonl
+from asyncrl.process_actor import ProcessActor
+from asyncrl.rollout import OnPolicyActor
+from asyncrl.trainer import Trainer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHORT = ["train.total_env_steps=3000", "train.eval_every=1500", "train.eval_episodes=2",
+         "train.log_every=500", "train.checkpoint_every=1500", "train.tensorboard=false",
+         "train.target_return=1000"]
+TIMING = ("wall_s", "charts/sps", "charts/ups")
+
+
+def ppo(*extra: str):
+    return build_config(PPO.preset, overrides=[*SHORT, *extra])
+
+
+def impala(*extra: str):
+    return build_config(IMPALA.preset, overrides=[*SHORT, *extra])
+
+
+def run(trainer: Trainer, timeout: float = 120) -> dict:
+    return asyncio.run(asyncio.wait_for(trainer.run(), timeout))
+
+
+def behaviour(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items()
+             if k not in TIMING and not k.startswith("perf/") and not k.endswith("wait_s")} for row in rows]
+
+
+def test_ppo_serial_mode_is_deterministic(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        run(Trainer(ppo("train.mode='serial'"), run_dir=tmp_path / name))
+        _, _, state = checkpoint.load_latest(tmp_path / name / "checkpoints")
+        results.append((behaviour(read_jsonl(tmp_path / name / "metrics.jsonl")), state["algo"]["net"]))
+    (rows_a, net_a), (rows_b, net_b) = results
+    assert any("losses/policy_loss" in r for r in rows_a)
+    assert rows_a == rows_b
+    for key in net_a:
+        assert torch.equal(net_a[key], net_b[key]), key
+
+
+def test_ppo_acts_on_fresh_weights_only(tmp_path):
+    trainer = Trainer(ppo(), run_dir=tmp_path)
+    result = run(trainer)
+    assert all(isinstance(a, OnPolicyActor) for a in trainer.c.actors)  # auto placement: inline
+    assert result["env_steps"] >= 3000
+    rollout = 8 * 32  # rows, of which EnvPool's reset steps are no env steps
+    assert result["env_steps"] // rollout <= result["updates"] <= result["env_steps"] // rollout + 2
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    lags = [r["queues/policy_lag"] for r in rows if "queues/policy_lag" in r]
+    assert lags and all(lag == 0 for lag in lags)
+    assert all(r["losses/policy_lag"] == 0 for r in rows if "losses/policy_lag" in r)
+
+
+def test_ppo_resume_continues_counters_and_schedule(tmp_path):
+    first = run(Trainer(ppo("train.total_env_steps=1500"), run_dir=tmp_path))
+    _, _, state = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert state["algo"]["env_steps"] > 0 and state["algo"]["updates"] == first["updates"]
+    trainer = Trainer(ppo("train.total_env_steps=3000"), run_dir=tmp_path, resume=True)
+    second = run(trainer)
+    assert second["env_steps"] >= 3000 and second["updates"] > first["updates"]
+    assert trainer.c.algo.env_steps > state["algo"]["env_steps"]
+    lr = trainer.c.algo.learning_rate()
+    assert lr == pytest.approx(1e-3 * (1 - trainer.c.algo.env_steps / 100_000))
+
+
+def test_ppo_refuses_process_actors_and_async_env_batches(tmp_path):
+    with pytest.raises(ConfigError, match="inline"):
+        run(Trainer(ppo("actors.placement='process'"), run_dir=tmp_path))
+    with pytest.raises(ConfigError, match="batch_size"):
+        run(Trainer(ppo("env.batch_size=4"), run_dir=tmp_path))
+
+
+def test_ppo_gaussian_head_starts_on_pendulum(tmp_path):
+    cfg = ppo("env.id='Pendulum-v1'", "algo.rollout_length=64", "algo.minibatch_size=128",
+              "train.total_env_steps=2000")
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = run(trainer)
+    assert result["env_steps"] >= 2000 and result["updates"] > 0
+    assert trainer.c.algo.net.log_std is not None
+    spec = trainer.c.spec
+    actions, extras = trainer.c.algo.act(trainer.c.algo.net, torch.zeros(5, *spec.obs_shape),
+                                         0, np.random.default_rng(0))
+    assert actions.shape == (5, 1) and np.all(np.abs(actions) <= 2.0)
+    assert set(extras) == {"log_prob", "raw_action"}
+
+
+def test_impala_with_process_actors_logs_policy_lag_and_leaves_nothing_behind(tmp_path):
+    trainer = Trainer(impala("actors.num_actors=2", "env.num_envs=8", "env.batch_size=4"), run_dir=tmp_path)
+    result = run(trainer)
+    assert all(isinstance(a, ProcessActor) for a in trainer.c.actors)
+    assert result["env_steps"] >= 3000 and result["updates"] > 0
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert any("queues/policy_lag" in r for r in rows) and any("losses/entropy" in r for r in rows)
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("mode", ["async", "serial"])
+def test_impala_inline(tmp_path, mode):
+    result = run(Trainer(impala("actors.placement='inline'", f"train.mode='{mode}'"), run_dir=tmp_path))
+    assert result["env_steps"] >= 3000 and result["updates"] > 0
+
+
+def test_impala_refuses_continuous_actions():
+    spec = EnvSpec("c", (3,), np.dtype(np.float32), "continuous", 0, (1,), np.array([-2.0]), np.array([2.0]))
+    with pytest.raises(ValueError, match="discrete"):
+        IMPALA(spec, IMPALAConfig(), torch.device("cpu"))
+
+
+def test_stop_releases_an_actor_waiting_for_the_learner(tmp_path):
+    trainer = Trainer(ppo("train.total_env_steps=10_000_000"), run_dir=tmp_path)
+
+    async def main():
+        task = asyncio.create_task(trainer.run())
+        while trainer.recorder is None or trainer.recorder.env_steps < 1000:
+            await asyncio.sleep(0.02)
+        trainer.stop()
+        return await asyncio.wait_for(task, 20)
+
+    result = asyncio.run(main())
+    assert 1000 <= result["env_steps"] < 10_000_000
+
+
+@pytest.mark.parametrize("name, cls", [("ppo", PPO), ("impala", IMPALA)])
+def test_cartpole_config_files_equal_the_presets(name, cls):
+    from_preset = build_config(cls.preset)
+    from_file = build_config(file=CONFIGS / f"{name}_cartpole.toml")
+    assert from_preset.to_dict() == from_file.to_dict()
+
+
+def test_nature_cnn_actor_critic_on_frames():
+    spec = EnvSpec("p", (4, 84, 84), np.dtype(np.uint8), "discrete", 6, ())
+    algo = PPO(spec, PPOConfig(), torch.device("cpu"))
+    frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    actions, extras = algo.act(algo.net, frames, 0, np.random.default_rng(0))
+    assert actions.shape == (3,) and extras["log_prob"].shape == (3,)
+    assert algo.net.value(frames).shape == (3,)
+
+
+@pytest.mark.parametrize("name", ["ppo_pong", "impala_pong"])
+def test_pong_configs_start_train_and_checkpoint(tmp_path, name):
+    small = {"ppo_pong": ["algo.rollout_length=16", "algo.minibatch_size=32", "algo.epochs=1"],
+             "impala_pong": ["env.num_envs=4", "env.batch_size=2", "learner.batch_size=4"]}[name]
+    cfg = build_config(file=CONFIGS / f"{name}.toml", overrides=[
+        *small, "env.num_envs=4", "train.total_env_steps=300", "train.eval_every=100000",
+        "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100", "train.log_every=100",
+        "train.tensorboard=false"])
+    result = run(Trainer(cfg, run_dir=tmp_path), timeout=240)
+    assert result["env_steps"] >= 300 and result["updates"] > 0
+    assert checkpoint.checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.mark.learning
+def test_ppo_solves_cartpole_within_100k_steps(tmp_path):
+    """Issue 5's bar: greedy return >= 475 over 20 episodes within 100k env steps (fixed seed)."""
+    cfg = build_config(PPO.preset, overrides=["train.mode='serial'", "train.seed=0"])
+    result = run(Trainer(cfg, run_dir=tmp_path), timeout=300)
+    assert result["eval"]["eval/return_mean"] >= 475
+    assert result["reached_target_at"] <= 100_000
+
+
+@pytest.mark.learning
+def test_impala_reaches_400_within_300k_steps(tmp_path):
+    cfg = build_config(IMPALA.preset, overrides=["train.mode='serial'", "train.seed=0",
+                                                 "train.target_return=400"])
+    result = run(Trainer(cfg, run_dir=tmp_path), timeout=300)
+    assert result["eval"]["eval/return_mean"] >= 400
+    assert result["reached_target_at"] <= 300_000
