@@ -24,6 +24,7 @@ import torch
 from asyncrl.actor import Actor
 from asyncrl.core import Algorithm, TrajectoryBatch, split_actions
 from asyncrl.envs import Step
+from asyncrl.faults import NonFiniteGuard
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, _Waiters
 from asyncrl.weights import WeightStore
@@ -333,9 +334,11 @@ class TrajectoryLearner:
     """Takes ``batch_size`` trajectories from the queue, updates on the device, publishes."""
 
     def __init__(self, algo: Algorithm, queue: RolloutQueue, store: WeightStore, recorder: Recorder,
-                 device: torch.device, batch_size: int, publish_every: int):
+                 device: torch.device, batch_size: int, publish_every: int,
+                 max_nonfinite_in_a_row: int = 50):
         self.algo, self.queue, self.store, self.recorder = algo, queue, store, recorder
         self.device, self.batch_size, self.publish_every = device, batch_size, publish_every
+        self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
         self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
         self.policy_lag = 0.0  # learner version minus the batch's, averaged over its trajectories
         # Acting waits for every update (PPO): updates run in the loop's own thread, since a
@@ -360,21 +363,27 @@ class TrajectoryLearner:
         self.recorder.timer.add("h2d", time.perf_counter() - t1)
         return batch
 
-    def _update(self, batch: TrajectoryBatch) -> None:
+    def _update(self, batch: TrajectoryBatch) -> bool:
+        """One update; False when it was non-finite and rolled back (see NonFiniteGuard)."""
         t0 = time.perf_counter()
+        self.guard.before_chunk(self.algo)
         metrics, _ = self.algo.update(batch)
-        metrics["policy_lag"] = self.policy_lag
-        self.recorder.losses = metrics
+        applied = self.guard.check(self.algo, [metrics])
+        if applied:
+            metrics["policy_lag"] = self.policy_lag
+            self.recorder.losses = metrics
         t1 = time.perf_counter()
         self.recorder.timer.add("update", t1 - t0)
-        if (self.recorder.updates + 1) % self.publish_every == 0:
+        # A rolled-back update publishes too (the restored, finite weights): actors that wait
+        # for a new version after each rollout (PPO) would otherwise wait for ever.
+        if not applied or (self.recorder.updates + 1) % self.publish_every == 0:
             self.store.publish(self.algo.acting_network)
             self.recorder.timer.add("publish", time.perf_counter() - t1)
+        return applied
 
     def step(self) -> None:
         """One update inline (serial mode); the caller claimed the batch (``try_sample``)."""
-        self._update(self.sample())
-        self.recorder.updates += 1
+        self.recorder.updates += self._update(self.sample())
 
     def drain(self) -> None:
         """Serial mode: every update the queue holds data for."""
@@ -395,15 +404,15 @@ class TrajectoryLearner:
                     if self.queue.stopped:
                         return
                     if self._executor is None:
-                        self._update(batch)
+                        applied = self._update(batch)
                     else:
                         future = loop.run_in_executor(self._executor, self._update, batch)
                         try:
-                            await asyncio.shield(future)
+                            applied = await asyncio.shield(future)
                         except asyncio.CancelledError:
                             await asyncio.wait([future])
                             raise
-                self.recorder.updates += 1
+                self.recorder.updates += applied
                 if self._executor is None:
                     await asyncio.sleep(0)
         except LimiterStopped:

@@ -175,7 +175,8 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
         return TrajectoryAdder(queue, e.num_envs, spec.obs_shape, spec.obs_dtype, spec.action_shape,
                                spec.action_dtype, data.extras)
 
-    learner = TrajectoryLearner(algo, queue, store, recorder, device, batch, publish_every)
+    learner = TrajectoryLearner(algo, queue, store, recorder, device, batch, publish_every,
+                                config.learner.max_nonfinite_in_a_row)
     learner.acting_waits = data.wait_for_learner
     actors: list[Actor | ProcessActor] = []
     if where == "inline":

@@ -245,3 +245,31 @@ def test_an_unwritable_run_directory_is_a_config_error_before_training(tmp_path)
     trainer = Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path / "a_file" / "run")
     with pytest.raises(ConfigError, match="cannot write the run directory"):
         run(trainer)
+
+
+def test_a_nonfinite_ppo_update_is_rolled_back_and_acting_goes_on(tmp_path, monkeypatch):
+    """PPO's actors wait for new weights after each rollout: a rolled-back update must still
+    release them (the restored weights are published), or the run would hang."""
+    from algos.ppo import PPO
+
+    real, calls = PPO.update, [0]
+
+    def update(self, batch):
+        metrics, priorities = real(self, batch)
+        calls[0] += 1
+        if calls[0] == 2:
+            with torch.no_grad():
+                for p in self.acting_network.parameters():
+                    p.fill_(math.nan)
+            metrics = {**metrics, "loss": torch.tensor(math.nan)}
+        return metrics, priorities
+
+    monkeypatch.setattr(PPO, "update", update)
+    overrides = ["train.total_env_steps=3000", "train.eval_every=1500", "train.eval_episodes=2",
+                 "train.checkpoint_every=1500", "train.target_return=1e9"]
+    result = run(Trainer.from_algo("ppo", overrides=overrides, run_dir=tmp_path), timeout=120)
+    assert result["env_steps"] >= 3000 and calls[0] > 2
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["charts/skipped_updates"] == 1
+    assert result["updates"] == calls[0] - 1
+    for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
+        assert all_finite(checkpoint.load(path)[1]["algo"])
