@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--envs", action="store_true", help="every env id, one a line")
     pl = sub.add_parser("plot", help="returns against env steps and wall time (needs matplotlib)")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, overlaid")
-    pl.add_argument("--out", help="image file to write (default: plot.png in the only RUN_DIR, else "
+    pl.add_argument("-o", "--out", help="image file to write (default: plot.png in the only RUN_DIR, else "
                     "in the working directory)")
     return p
 
