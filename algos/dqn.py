@@ -80,6 +80,67 @@ class QNetwork(nn.Module):
         return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
 
 
+def td_loss(batch: TransitionBatch, q_net: Callable, target_net: Callable, double: bool,
+            huber_delta: float) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+    """Huber TD loss (importance-weighted), its metrics and the absolute TD errors."""
+    q_all = q_net(batch.obs)
+    q = q_all.gather(1, batch.actions.long().unsqueeze(1)).squeeze(1)
+    with torch.no_grad():
+        next_target = target_net(batch.next_obs)
+        if double:
+            next_action = q_net(batch.next_obs).argmax(dim=1, keepdim=True)
+        else:
+            next_action = next_target.argmax(dim=1, keepdim=True)
+        bootstrap = next_target.gather(1, next_action).squeeze(1)
+        target = batch.rewards + batch.discounts * bootstrap
+    td_error = target - q
+    per_item = F.huber_loss(q, target, reduction="none", delta=huber_delta)
+    loss = (batch.weights * per_item).mean()
+    metrics = {"td_loss": loss.detach(), "q_values": q.detach().mean()}
+    return loss, metrics, td_error.detach().abs()
+
+
+_TEMPLATES: dict[tuple, QNetwork] = {}
+
+
+def _functional_update(spec: EnvSpec, config: DQNConfig) -> Callable:
+    """The whole update as one function of tensors: the loss's gradient (torch.func), norm
+    clipping as ``clip_grad_norm_`` does it, and torch's own Adam on the parameters in place."""
+    key = (spec.obs_shape, np.dtype(spec.obs_dtype).str, spec.num_actions, tuple(config.hidden),
+           config.dueling)
+    if key not in _TEMPLATES:  # the structure only: functional_call supplies every parameter
+        _TEMPLATES[key] = QNetwork(spec, config.hidden, config.dueling).to("meta")
+    template = _TEMPLATES[key]
+    names = [name for name, _ in template.named_parameters()]
+    double, delta, max_norm = config.double, config.huber_delta, config.max_grad_norm
+    lr, eps = config.lr, config.adam_eps
+
+    def update(params: list[torch.Tensor], target_params: list[torch.Tensor],
+               batch: TransitionBatch, adam_state: tuple[list[torch.Tensor], ...]):
+        def loss_of(ps: list[torch.Tensor]):
+            def q_net(x):
+                return functional_call(template, dict(zip(names, ps)), (x,))
+
+            def target_net(x):
+                return functional_call(template, dict(zip(names, target_params)), (x,))
+
+            loss, metrics, priorities = td_loss(batch, q_net, target_net, double, delta)
+            return loss, (metrics, priorities)
+
+        grads, (metrics, priorities) = grad(loss_of, has_aux=True)(params)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = [g * scale for g in grads]
+        exp_avgs, exp_avg_sqs, steps = adam_state
+        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, capturable=True, foreach=False,
+             differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+             decoupled_weight_decay=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr,
+             weight_decay=0.0, eps=eps, maximize=False)
+        return metrics, priorities, norm
+
+    return update
+
+
 # --- the algorithm ----------------------------------------------------------------------------
 
 
@@ -114,7 +175,11 @@ class DQN:
         # the same loss), the clipping and torch's own Adam step on the optimizer's own state,
         # where eager autograd and torch.optim dispatch each op from Python (for a small network
         # that dispatching is most of an update's cost on a CPU).
-        self._compiled = torch.compile(self._functional_update, fullgraph=True) if config.compile else None
+        # The compiled function closes over a per-architecture template module and plain
+        # numbers, never over this object, so every DQN with the same network and
+        # hyperparameters in a process reuses one compiled graph (benchmarks and tests build many).
+        self._compiled = torch.compile(_functional_update(spec, config), fullgraph=True) \
+            if config.compile else None
         self._compiled_ok = False
         self._param_views = [p.detach() for p in self._params]  # share storage with the modules
         self._target_views = [p.detach() for p in self.target_q.parameters()]
@@ -146,26 +211,9 @@ class DQN:
             actions = np.where(explore, rng.integers(self.spec.num_actions, size=len(actions)), actions)
         return actions
 
-    def loss(self, batch: TransitionBatch, q_net: Callable | None = None,
-             target_net: Callable | None = None) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        """Huber TD loss; ``q_net`` / ``target_net`` default to the modules (the compiled
-        update passes functional versions of them)."""
-        q_net, target_net = q_net or self.q, target_net or self.target_q
-        q_all = q_net(batch.obs)
-        q = q_all.gather(1, batch.actions.long().unsqueeze(1)).squeeze(1)
-        with torch.no_grad():
-            next_target = target_net(batch.next_obs)
-            if self.config.double:
-                next_action = q_net(batch.next_obs).argmax(dim=1, keepdim=True)
-            else:
-                next_action = next_target.argmax(dim=1, keepdim=True)
-            bootstrap = next_target.gather(1, next_action).squeeze(1)
-            target = batch.rewards + batch.discounts * bootstrap
-        td_error = target - q
-        per_item = F.huber_loss(q, target, reduction="none", delta=self.config.huber_delta)
-        loss = (batch.weights * per_item).mean()
-        metrics = {"td_loss": loss.detach(), "q_values": q.detach().mean()}
-        return loss, metrics, td_error.detach().abs()
+    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+        """Huber TD loss of the online network against the target network."""
+        return td_loss(batch, self.q, self.target_q, self.config.double, self.config.huber_delta)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
         stepped = self._compiled_step(batch) if self._compiled is not None else None
@@ -182,39 +230,6 @@ class DQN:
             self._update_target()
         metrics["grad_norm"] = grad_norm
         return metrics, priorities
-
-    def _functional_gradient(self, params: list[torch.Tensor], target_params: list[torch.Tensor],
-                             batch: TransitionBatch):
-        """Clipped gradients of :meth:`loss` with respect to ``params`` (the online network's)."""
-        names = [name for name, _ in self.q.named_parameters()]
-
-        def loss_of(ps: list[torch.Tensor]):
-            def q_net(x):
-                return functional_call(self.q, dict(zip(names, ps)), (x,))
-
-            def target_net(x):
-                return functional_call(self.target_q, dict(zip(names, target_params)), (x,))
-
-            loss, metrics, priorities = self.loss(batch, q_net, target_net)
-            return loss, (metrics, priorities)
-
-        grads, (metrics, priorities) = grad(loss_of, has_aux=True)(params)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        scale = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
-        return [g * scale for g in grads], metrics, priorities, norm
-
-    def _functional_update(self, params: list[torch.Tensor], target_params: list[torch.Tensor],
-                           batch: TransitionBatch, adam_state: tuple[list[torch.Tensor], ...]):
-        """:meth:`_functional_gradient`, then torch's Adam on ``params`` in place (compiled)."""
-        grads, metrics, priorities, norm = self._functional_gradient(params, target_params, batch)
-        exp_avgs, exp_avg_sqs, steps = adam_state
-        group = self.optimizer.param_groups[0]
-        beta1, beta2 = group["betas"]
-        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, capturable=True, foreach=False,
-             differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
-             decoupled_weight_decay=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-        return metrics, priorities, norm
 
     def _compiled_step(self, batch: TransitionBatch):
         """One compiled update; returns (metrics, priorities, grad norm), or None when compiling
