@@ -23,6 +23,7 @@ def evaluate(env: VecEnv, algo: Algorithm, network: torch.nn.Module, rng: np.ran
         finished[ids] |= step.terminated | step.truncated
         if finished.all():
             return returns.tolist()  # the pool is reset again at the next evaluation
-        actions, _ = split_actions(algo.act(network, torch.from_numpy(step.obs), 0, rng, greedy=True))
+        with torch.inference_mode():
+            actions, _ = split_actions(algo.act(network, torch.from_numpy(step.obs), 0, rng, greedy=True))
         env.send(actions, ids)
     raise RuntimeError(f"evaluation did not finish {n} episodes within {max_steps} steps")

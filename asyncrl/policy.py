@@ -66,7 +66,8 @@ class Policy:
         batch = torch.from_numpy(obs[None] if single else obs)
         with self._lock:
             self._refresh()
-            actions = self.algo.act(self.network, batch, 0, self._rng, greedy=True)
+            with torch.inference_mode():
+                actions = self.algo.act(self.network, batch, 0, self._rng, greedy=True)
         return actions[0] if single else actions
 
     def _refresh(self) -> None:

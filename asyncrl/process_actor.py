@@ -97,8 +97,9 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
             if batches % pull_every == 0:
                 version = store.pull(network, version) or version
             batches += 1
-            actions, extras = split_actions(
-                algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng))
+            with torch.inference_mode():  # ~30% less per-op overhead than no_grad for small nets
+                actions, extras = split_actions(
+                    algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng))
             env.send(actions, step.env_ids)  # the envs step while the slot is written
             t3 = time.perf_counter()
             slot, n = free.pop(), len(step.env_ids)

@@ -282,7 +282,8 @@ class OnPolicyActor(Actor):
             if version is not None:
                 self.weight_version = version
         self._batches += 1
-        out = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
+        with torch.inference_mode():
+            out = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
         actions, extras = split_actions(out)
         self.adder.record_actions(step.env_ids, actions, extras, self.weight_version)
         self.recorder.timer.add("inference", time.perf_counter() - t1)

@@ -129,6 +129,10 @@ WORKLOADS = (
                           "algo.compile=true")),
                  Variant("asyncrl, 8 envs, double dueling 3-step, compiled update",
                          (*DQN_MATCHED, "algo.compile=true")),
+                 # The same learning work (network, batch, an update per 4 env steps) with the
+                 # envs asyncrl would use: 64 in EnvPool's async mode, batches of 32 per hand-off.
+                 Variant("asyncrl, 64 envs (async, batch 32), double dueling 3-step, compiled update",
+                         (*DQN_MATCHED, "algo.compile=true", "env.num_envs=64", "env.batch_size=32")),
              )),
     # asyncrl's PPO preset is RL-Zoo's CartPole setting (8 envs x 32 steps, one 256-step
     # minibatch, gamma 0.98, lambda 0.8, lr 1e-3 annealed, no entropy bonus) with 10 epochs;
