@@ -63,14 +63,19 @@ class NonFiniteGuard:
 
     @staticmethod
     def finite(metrics: list[Metrics]) -> bool:
-        tensors = []
+        scalars, others = [], []
         for row in metrics:
             for value in row.values():
                 if isinstance(value, torch.Tensor):
-                    tensors.append(value.detach().float().reshape(-1))
+                    # Most metrics are float32 scalars: one stack of them, not three ops each.
+                    (scalars if value.dim() == 0 and value.dtype == torch.float32 else others).append(value)
                 elif not math.isfinite(value):
                     return False
-        return not tensors or bool(torch.isfinite(torch.cat(tensors)).all())
+        flat = [torch.stack(scalars).detach()] if scalars else []
+        flat += [v.detach().float().reshape(-1) for v in others]
+        if not flat:
+            return True
+        return bool(torch.isfinite(flat[0] if len(flat) == 1 else torch.cat(flat)).all())
 
     def check(self, algo: Algorithm, metrics: list[Metrics]) -> bool:
         """True if the chunk may stand; otherwise restores the last snapshot and returns False."""

@@ -62,7 +62,7 @@ class Learner:
             elif tensor.device != self.device:
                 tensor = tensor.to(self.device)
             fields[name] = tensor.view(count, self.batch_size, *tensor.shape[1:]).unbind(0)
-        keys = np.split(data["keys"], count)
+        keys = data["keys"].reshape(count, self.batch_size)  # rows: np.split costs ~50 us more
         timer.add("sample", t1 - t0)
         timer.add("h2d", time.perf_counter() - t1)
         return [(TransitionBatch(**{name: fields[name][i] for name in _FIELDS}), keys[i])

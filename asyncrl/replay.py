@@ -76,6 +76,14 @@ class Replay:
         self._sampleable = np.zeros(num_streams * per_stream, bool)
         self._num_sampleable = 0
         self._rng = np.random.default_rng(seed)
+        # Views (no copies) of the per-slot arrays with the stream and column axes merged, which
+        # sampling indexes with one flat slot number; load_state_dict writes in place, so they stay.
+        self._flat = {name: getattr(self, name).reshape(num_streams * per_stream,
+                                                        *getattr(self, name).shape[2:])
+                      for name in ("obs", "actions", "rewards", "terminated", "truncated",
+                                   "applied", "positions")}
+        self._offsets = np.arange(n_step + 1)
+        self._discount_powers = gamma ** np.arange(n_step + 1, dtype=np.float64)
 
     @property
     def capacity(self) -> int:
@@ -177,21 +185,21 @@ class Replay:
                 f"{self.num_streams} streams)")
         n, per_stream = self.n_step, self.stream_capacity
         total = batch_size * batches
+        flat = self._flat  # the arrays as one row of slots each: one index per item, not two
         leaves = self._draw(total)
-        streams, cols = np.divmod(leaves, per_stream)
-        starts = self.positions[streams, cols]
-        rows = streams[:, None]
-        window = (starts[:, None] + np.arange(n + 1)) % per_stream  # columns of steps p .. p+n
+        streams = leaves // per_stream
+        starts = flat["positions"][leaves]
+        # Slots of steps p .. p+n of each item's stream (its ring wraps within the stream).
+        window = (streams * per_stream)[:, None] + (starts[:, None] + self._offsets) % per_stream
         steps, successors = window[:, :-1], window[:, 1:]
         # A return stops at an episode end or before a step whose action was never applied.
-        stops = (self.terminated[rows, steps] | self.truncated[rows, steps]
-                 | ~self.applied[rows, successors])
+        stops = flat["terminated"][steps] | flat["truncated"][steps] | ~flat["applied"][successors]
         k = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, n)
-        batch = np.arange(total)
-        in_return = np.arange(n) < k[:, None]
-        rewards = (self.rewards[rows, steps] * in_return) @ self.gamma ** np.arange(n)
-        terminal = self.terminated[streams, steps[batch, k - 1]]
-        discounts = np.where(terminal, 0.0, self.gamma ** k)
+        in_return = self._offsets[:-1] < k[:, None]
+        rewards = (flat["rewards"][steps] * in_return) @ self._discount_powers[:-1]
+        last = np.take_along_axis(window, k[:, None], axis=1)[:, 0]  # slot of step p+k
+        terminal = flat["terminated"][np.take_along_axis(steps, k[:, None] - 1, axis=1)[:, 0]]
+        discounts = np.where(terminal, 0.0, self._discount_powers[k])
 
         weights = np.ones(total, np.float32)
         if self._tree is not None and importance_exponent > 0:
@@ -199,11 +207,11 @@ class Replay:
             w = (self._tree.get(leaves) ** -importance_exponent).reshape(batches, -1)
             weights = (w / w.max(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
         return {
-            "obs": self.obs[streams, cols],
-            "actions": self.actions[streams, cols],
+            "obs": flat["obs"][leaves],
+            "actions": flat["actions"][leaves],
             "rewards": rewards.astype(np.float32),
             "discounts": discounts.astype(np.float32),
-            "next_obs": self.obs[streams, window[batch, k]],
+            "next_obs": flat["obs"][last],
             "weights": weights,
             "keys": starts * self.num_streams + streams,
         }

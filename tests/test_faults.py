@@ -62,6 +62,12 @@ def test_guard_checks_every_metric_and_rolls_back():
     assert guard.finite([{"a": 1.0, "b": torch.tensor(2.0)}])
     assert not guard.finite([{"a": 1.0}, {"a": torch.tensor(math.inf)}])
     assert not guard.finite([{"a": math.nan}])
+    # Scalars of other dtypes and vector metrics are checked alongside the float32 scalars.
+    ok = {"loss": torch.tensor(1.0), "n": torch.tensor(3), "td": torch.ones(4, dtype=torch.float64)}
+    assert guard.finite([ok, ok])
+    assert not guard.finite([ok, {**ok, "td": torch.tensor([1.0, math.nan], dtype=torch.float64)}])
+    assert not guard.finite([ok, {**ok, "half": torch.tensor(math.inf, dtype=torch.float16)}])
+    assert not guard.finite([{"td": torch.ones(2)}, {"loss": torch.tensor(math.nan)}])
 
     class Algo:
         def __init__(self):
