@@ -4,7 +4,6 @@ gradient-norm clipping. An MLP torso for vectors, the Nature CNN for Atari frame
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -13,8 +12,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.func import functional_call, grad
-from torch.optim.adam import adam
 
+from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
 from algos.nets import NatureCNN, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
@@ -49,8 +48,6 @@ class DQNConfig(BaseModel):
             raise ValueError("must list positive layer widths")
         return hidden
 
-
-log = logging.getLogger("asyncrl")
 
 # --- networks ---------------------------------------------------------------------------------
 
@@ -100,42 +97,30 @@ def td_loss(batch: TransitionBatch, q_net: Callable, target_net: Callable, doubl
     return loss, metrics, td_error.detach().abs()
 
 
-_TEMPLATES: dict[tuple, QNetwork] = {}
-
-
 def _functional_update(spec: EnvSpec, config: DQNConfig) -> Callable:
-    """The whole update as one function of tensors: the loss's gradient (torch.func), norm
-    clipping as ``clip_grad_norm_`` does it, and torch's own Adam on the parameters in place."""
-    key = (spec.obs_shape, np.dtype(spec.obs_dtype).str, spec.num_actions, tuple(config.hidden),
-           config.dueling)
-    if key not in _TEMPLATES:  # the structure only: functional_call supplies every parameter
-        _TEMPLATES[key] = QNetwork(spec, config.hidden, config.dueling).to("meta")
-    template = _TEMPLATES[key]
-    names = [name for name, _ in template.named_parameters()]
+    """The whole update as one function of tensors (see algos/functional.py): the loss's
+    gradient through torch.func, then clipping and torch's Adam on the parameters in place."""
+    net = template(("dqn", spec.obs_shape, np.dtype(spec.obs_dtype).str, spec.num_actions,
+                    tuple(config.hidden), config.dueling),
+                   lambda: QNetwork(spec, config.hidden, config.dueling))
+    names = [name for name, _ in net.named_parameters()]
     double, delta, max_norm = config.double, config.huber_delta, config.max_grad_norm
     lr, eps = config.lr, config.adam_eps
 
     def update(params: list[torch.Tensor], target_params: list[torch.Tensor],
-               batch: TransitionBatch, adam_state: tuple[list[torch.Tensor], ...]):
+               batch: TransitionBatch, state: tuple[list[torch.Tensor], ...]):
         def loss_of(ps: list[torch.Tensor]):
             def q_net(x):
-                return functional_call(template, dict(zip(names, ps)), (x,))
+                return functional_call(net, dict(zip(names, ps)), (x,))
 
             def target_net(x):
-                return functional_call(template, dict(zip(names, target_params)), (x,))
+                return functional_call(net, dict(zip(names, target_params)), (x,))
 
             loss, metrics, priorities = td_loss(batch, q_net, target_net, double, delta)
             return loss, (metrics, priorities)
 
         grads, (metrics, priorities) = grad(loss_of, has_aux=True)(params)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        grads = [g * scale for g in grads]
-        exp_avgs, exp_avg_sqs, steps = adam_state
-        adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, capturable=True, foreach=False,
-             differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
-             decoupled_weight_decay=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr,
-             weight_decay=0.0, eps=eps, maximize=False)
+        norm = clip_and_adam_(params, grads, state, lr, eps, max_norm)
         return metrics, priorities, norm
 
     return update
@@ -171,16 +156,9 @@ class DQN:
         self._params = list(self.q.parameters())
         self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps, fused=True)
         self.updates = 0
-        # Compiled, one graph does the forward passes, the loss, its gradient (torch.func over
-        # the same loss), the clipping and torch's own Adam step on the optimizer's own state,
-        # where eager autograd and torch.optim dispatch each op from Python (for a small network
-        # that dispatching is most of an update's cost on a CPU).
-        # The compiled function closes over a per-architecture template module and plain
-        # numbers, never over this object, so every DQN with the same network and
-        # hyperparameters in a process reuses one compiled graph (benchmarks and tests build many).
-        self._compiled = torch.compile(_functional_update(spec, config), fullgraph=True) \
-            if config.compile else None
-        self._compiled_ok = False
+        # Compiled (algos/functional.py), one graph does the forward passes, the loss, its
+        # gradient, the clipping and torch's own Adam step on the optimizer's own state.
+        self._compiled = CompiledStep(_functional_update(spec, config), "DQN") if config.compile else None
         self._param_views = [p.detach() for p in self._params]  # share storage with the modules
         self._target_views = [p.detach() for p in self.target_q.parameters()]
         if config.compile:
@@ -216,7 +194,8 @@ class DQN:
         return td_loss(batch, self.q, self.target_q, self.config.double, self.config.huber_delta)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
-        stepped = self._compiled_step(batch) if self._compiled is not None else None
+        stepped = None if self._compiled is None else \
+            self._compiled(self._param_views, self._target_views, batch, self._adam_state)
         if stepped is not None:
             metrics, priorities, grad_norm = stepped
         else:
@@ -231,31 +210,8 @@ class DQN:
         metrics["grad_norm"] = grad_norm
         return metrics, priorities
 
-    def _compiled_step(self, batch: TransitionBatch):
-        """One compiled update; returns (metrics, priorities, grad norm), or None when compiling
-        failed at the first update (the caller then updates eagerly)."""
-        try:
-            result = self._compiled(self._param_views, self._target_views, batch, self._adam_state)
-        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op: stay correct
-            if self._compiled_ok:
-                raise
-            log.warning("torch.compile of the DQN update failed (%s); updating eagerly",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._compiled = None
-            return None
-        self._compiled_ok = True
-        return result
-
     def _init_adam_state(self) -> None:
-        """Adam's state as torch.optim.Adam would create it at its first step (so that its
-        ``state_dict`` stays the standard one), and the lists the compiled update steps."""
-        state = self.optimizer.state
-        for p in self._params:
-            if not state[p]:
-                state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        self._adam_state = tuple([state[p][key] for p in self._params]
-                                 for key in ("exp_avg", "exp_avg_sq", "step"))
+        self._adam_state = adam_state(self.optimizer, self._params)
 
     @torch.no_grad()
     def _update_target(self) -> None:
