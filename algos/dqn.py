@@ -9,12 +9,12 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call, grad
 
 from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
-from algos.nets import NatureCNN, mlp
+from algos.nets import NatureCNN, Widths, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 
@@ -27,7 +27,7 @@ class DQNConfig(BaseModel):
     n_step: int = Field(3, ge=1, description="Steps summed before bootstrapping.")
     double: bool = Field(True, description="Double Q: the online net picks the bootstrap action.")
     dueling: bool = Field(True, description="Dueling head: value plus mean-centred advantages.")
-    hidden: list[int] = Field([128, 128], description="MLP torso widths (vector observations).")
+    hidden: Widths = Field([128, 128], description="MLP torso widths (vector observations).")
     target_update_period: int = Field(100, ge=1, description="Updates between target-network updates.")
     tau: float = Field(1.0, gt=0, le=1, description="Target update weight: 1 is a hard copy, <1 Polyak.")
     eps_start: float = Field(1.0, ge=0, le=1, description="Exploration epsilon at the start.")
@@ -40,13 +40,6 @@ class DQNConfig(BaseModel):
         description="torch.compile the loss and its gradient: several times more updates/s for "
         "small networks on a CPU, for seconds of compiling at the first update (falls back to "
         "eager, with a warning, where compiling fails).")
-
-    @field_validator("hidden")
-    @classmethod
-    def _widths(cls, hidden: list[int]) -> list[int]:
-        if not hidden or any(w < 1 for w in hidden):
-            raise ValueError("must list positive layer widths")
-        return hidden
 
 
 # --- networks ---------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from algos.nets import ActorCritic
+from algos.nets import ActorCritic, Widths
 from algos.ppo import log_prob_entropy, sample_actions
 from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
 
@@ -37,14 +37,7 @@ class IMPALAConfig(BaseModel):
     value_coef: float = Field(0.5, ge=0, description="Weight of the value (baseline) loss.")
     entropy_coef: float = Field(0.01, ge=0, description="Weight of the entropy bonus.")
     max_grad_norm: float = Field(40.0, gt=0, description="Gradient-norm clip.")
-    hidden: list[int] = Field([64, 64], description="MLP widths (vector observations).")
-
-    @field_validator("hidden")
-    @classmethod
-    def _widths(cls, hidden: list[int]) -> list[int]:
-        if not hidden or any(w < 1 for w in hidden):
-            raise ValueError("must list positive layer widths")
-        return hidden
+    hidden: Widths = Field([64, 64], description="MLP widths (vector observations).")
 
 
 def vtrace(behaviour_log_probs: torch.Tensor, target_log_probs: torch.Tensor, rewards: torch.Tensor,

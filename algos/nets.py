@@ -4,11 +4,23 @@ twin Q critics for continuous actions and the map from [-1, 1] to an action spac
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
 from asyncrl.core import EnvSpec
+
+
+def _positive_widths(hidden: list[int]) -> list[int]:
+    if not hidden or any(w < 1 for w in hidden):
+        raise ValueError("must list positive layer widths")
+    return hidden
+
+
+# The type of a config's layer widths: a non-empty list of positive ints.
+Widths = Annotated[list[int], AfterValidator(_positive_widths)]
 
 
 class NatureCNN(nn.Module):

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from algos.nets import ActorCritic
+from algos.nets import ActorCritic, Widths
 from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
 
 
@@ -44,15 +44,8 @@ class PPOConfig(BaseModel):
     max_grad_norm: float = Field(0.5, gt=0, description="Gradient-norm clip.")
     target_kl: float | None = Field(
         None, gt=0, description="Stop a rollout's epochs early once the approximate KL exceeds this.")
-    hidden: list[int] = Field([64, 64], description="MLP widths (vector observations).")
+    hidden: Widths = Field([64, 64], description="MLP widths (vector observations).")
     init_log_std: float = Field(0.0, description="Continuous actions: initial log standard deviation.")
-
-    @field_validator("hidden")
-    @classmethod
-    def _widths(cls, hidden: list[int]) -> list[int]:
-        if not hidden or any(w < 1 for w in hidden):
-            raise ValueError("must list positive layer widths")
-        return hidden
 
 
 # --- the maths --------------------------------------------------------------------------------

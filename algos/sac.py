@@ -14,40 +14,24 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 from torch import nn
 
+from algos.continuous import ContinuousActorCritic, ContinuousConfig, pendulum_preset
 from algos.nets import TwinCritic, action_bounds, mlp
-from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
+from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
-class SACConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    actor_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the policy.")
-    critic_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the twin critics.")
+class SACConfig(ContinuousConfig):
     alpha_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the log entropy temperature.")
-    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
-    n_step: int = Field(1, ge=1, description="Steps summed before bootstrapping.")
-    hidden: list[int] = Field([256, 256], description="MLP widths of the policy and of each critic.")
-    tau: float = Field(0.005, gt=0, le=1, description="Polyak weight of the target critics' update.")
     target_update_period: int = Field(1, ge=1, description="Updates between target-critic updates.")
     init_alpha: float = Field(1.0, gt=0, description="Entropy temperature at the start.")
     autotune_alpha: bool = Field(
         True, description="Learn the temperature so that the policy's entropy tracks target_entropy.")
     target_entropy: float | None = Field(
         None, description="Entropy the temperature aims at; None: minus the action dimension.")
-    random_steps: int = Field(
-        5_000, ge=0, description="Env steps at the start with uniform random actions (warm-up).")
-
-    @field_validator("hidden")
-    @classmethod
-    def _widths(cls, hidden: list[int]) -> list[int]:
-        if not hidden or any(w < 1 for w in hidden):
-            raise ValueError("must list positive layer widths")
-        return hidden
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -93,19 +77,9 @@ class SquashedGaussianPolicy(nn.Module):
 # --- the algorithm ----------------------------------------------------------------------------
 
 
-class SAC:
+class SAC(ContinuousActorCritic):
     Config: ClassVar[type[BaseModel]] = SACConfig
-    # A built-in default that trains at once on a 2-core CPU: Pendulum-v1, one update per env
-    # step on small networks, stopping once a greedy evaluation reaches -200. See BENCHMARKS.md.
-    preset: ClassVar[dict[str, Any]] = {
-        "algo": {"name": "sac", "hidden": [64, 64], "actor_lr": 1e-3, "critic_lr": 1e-3,
-                 "alpha_lr": 1e-3, "random_steps": 1_000},
-        "env": {"id": "Pendulum-v1", "num_envs": 4},
-        "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 128.0},
-        "learner": {"batch_size": 128},
-        "train": {"total_env_steps": 50_000, "eval_every": 2_000, "eval_episodes": 10,
-                  "target_return": -200.0},
-    }
+    preset: ClassVar[dict[str, Any]] = pendulum_preset("sac", alpha_lr=1e-3)
 
     def __init__(self, spec: EnvSpec, config: SACConfig, device: torch.device):
         self.spec, self.config, self.device = spec, config, device
@@ -129,31 +103,21 @@ class SAC:
         self._onlines = list(self.critic.parameters())
         self.updates = 0
 
-    @property
-    def data(self) -> TransitionData:
-        return TransitionData(n_step=self.config.n_step, gamma=self.config.gamma)
-
-    @property
-    def acting_network(self) -> nn.Module:
-        return self.actor
-
     def make_acting_network(self) -> nn.Module:
         return SquashedGaussianPolicy(self.spec, self.config.hidden)
 
     @torch.no_grad()
     def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int,
             rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
-        low, high = self.spec.action_low, self.spec.action_high
-        n = len(obs)
+        random = self.warm_up(obs, env_steps, rng, greedy)
+        if random is not None:
+            return random
         if greedy:
             actions = network.greedy(obs).cpu().numpy()
-        elif env_steps < self.config.random_steps:
-            return rng.uniform(low, high, size=(n, *self.spec.action_shape)).astype(np.float32)
         else:  # the actor's own generator draws the noise: serial runs repeat exactly
-            noise = torch.from_numpy(rng.standard_normal((n, *self.spec.action_shape), np.float32))
+            noise = torch.from_numpy(rng.standard_normal((len(obs), *self.spec.action_shape), np.float32))
             actions = network.sample(obs, noise.to(obs.device))[0].cpu().numpy()
-        # tanh(u) * scale + centre can land a rounding error outside the bounds.
-        return np.clip(actions, low, high).astype(np.float32, copy=False)
+        return self.within_bounds(actions)
 
     @property
     def alpha(self) -> torch.Tensor:

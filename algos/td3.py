@@ -13,22 +13,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 from torch import nn
 
+from algos.continuous import ContinuousActorCritic, ContinuousConfig, pendulum_preset
 from algos.nets import TwinCritic, action_bounds, mlp
-from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
+from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
 
-class TD3Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    actor_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the policy.")
-    critic_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the twin critics.")
-    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
-    n_step: int = Field(1, ge=1, description="Steps summed before bootstrapping.")
-    hidden: list[int] = Field([256, 256], description="MLP widths of the policy and of each critic.")
-    tau: float = Field(0.005, gt=0, le=1, description="Polyak weight of the target networks' update.")
+class TD3Config(ContinuousConfig):
     policy_delay: int = Field(
         2, ge=1, description="Critic updates per policy update (and per target-network update).")
     exploration_noise: float = Field(
@@ -37,15 +30,6 @@ class TD3Config(BaseModel):
         0.2, ge=0, description="Std of the target policy smoothing noise, as a fraction of the half-range.")
     target_noise_clip: float = Field(
         0.5, ge=0, description="The smoothing noise is clipped to +- this fraction of the half-range.")
-    random_steps: int = Field(
-        5_000, ge=0, description="Env steps at the start with uniform random actions (warm-up).")
-
-    @field_validator("hidden")
-    @classmethod
-    def _widths(cls, hidden: list[int]) -> list[int]:
-        if not hidden or any(w < 1 for w in hidden):
-            raise ValueError("must list positive layer widths")
-        return hidden
 
 
 # --- networks (the critic is nets.TwinCritic) ---------------------------------------------------
@@ -70,19 +54,9 @@ class DeterministicPolicy(nn.Module):
 # --- the algorithm ----------------------------------------------------------------------------
 
 
-class TD3:
+class TD3(ContinuousActorCritic):
     Config: ClassVar[type[BaseModel]] = TD3Config
-    # A built-in default that trains at once on a 2-core CPU: Pendulum-v1, one critic update per
-    # env step on small networks, stopping once a greedy evaluation reaches -200. See BENCHMARKS.md.
-    preset: ClassVar[dict[str, Any]] = {
-        "algo": {"name": "td3", "hidden": [64, 64], "actor_lr": 1e-3, "critic_lr": 1e-3,
-                 "random_steps": 1_000},
-        "env": {"id": "Pendulum-v1", "num_envs": 4},
-        "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 128.0},
-        "learner": {"batch_size": 128},
-        "train": {"total_env_steps": 50_000, "eval_every": 2_000, "eval_episodes": 10,
-                  "target_return": -200.0},
-    }
+    preset: ClassVar[dict[str, Any]] = pendulum_preset("td3")
 
     def __init__(self, spec: EnvSpec, config: TD3Config, device: torch.device):
         self.spec, self.config, self.device = spec, config, device
@@ -102,29 +76,21 @@ class TD3:
         self.updates = 0
         self._actor_loss = torch.zeros((), device=device)  # the last one, logged between policy steps
 
-    @property
-    def data(self) -> TransitionData:
-        return TransitionData(n_step=self.config.n_step, gamma=self.config.gamma)
-
-    @property
-    def acting_network(self) -> nn.Module:
-        return self.actor
-
     def make_acting_network(self) -> nn.Module:
         return DeterministicPolicy(self.spec, self.config.hidden)
 
     @torch.no_grad()
     def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int,
             rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
-        low, high = self.spec.action_low, self.spec.action_high
-        shape = (len(obs), *self.spec.action_shape)
-        if not greedy and env_steps < self.config.random_steps:
-            return rng.uniform(low, high, size=shape).astype(np.float32)
+        random = self.warm_up(obs, env_steps, rng, greedy)
+        if random is not None:
+            return random
         actions = network(obs).cpu().numpy()
         if not greedy:
-            half_range = (high - low) / 2
-            actions = actions + rng.standard_normal(shape) * self.config.exploration_noise * half_range
-        return np.clip(actions, low, high).astype(np.float32, copy=False)
+            half_range = (self.spec.action_high - self.spec.action_low) / 2
+            noise = rng.standard_normal((len(obs), *self.spec.action_shape))
+            actions = actions + noise * self.config.exploration_noise * half_range
+        return self.within_bounds(actions)
 
     def smoothed_target_action(self, next_obs: torch.Tensor) -> torch.Tensor:
         """The target policy's action plus clipped Gaussian noise, within the bounds."""

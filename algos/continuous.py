@@ -1,0 +1,70 @@
+"""What SAC and TD3 share: the config fields of an off-policy actor-critic for continuous actions,
+the Pendulum-v1 preset they train on out of the box, and acting's warm-up and bounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from algos.nets import Widths
+from asyncrl.core import EnvSpec, TransitionData
+
+
+class ContinuousConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    actor_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the policy.")
+    critic_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the twin critics.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    n_step: int = Field(1, ge=1, description="Steps summed before bootstrapping.")
+    hidden: Widths = Field([256, 256], description="MLP widths of the policy and of each critic.")
+    tau: float = Field(0.005, gt=0, le=1, description="Polyak weight of the target networks' update.")
+    random_steps: int = Field(
+        5_000, ge=0, description="Env steps at the start with uniform random actions (warm-up).")
+
+
+def pendulum_preset(name: str, **algo: Any) -> dict[str, Any]:
+    """A built-in default that trains at once on a 2-core CPU: Pendulum-v1, one update per env
+    step on small networks, stopping once a greedy evaluation reaches -200 (BENCHMARKS.md)."""
+    return {
+        "algo": {"name": name, "hidden": [64, 64], "actor_lr": 1e-3, "critic_lr": 1e-3,
+                 "random_steps": 1_000, **algo},
+        "env": {"id": "Pendulum-v1", "num_envs": 4},
+        "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 128.0},
+        "learner": {"batch_size": 128},
+        "train": {"total_env_steps": 50_000, "eval_every": 2_000, "eval_episodes": 10,
+                  "target_return": -200.0},
+    }
+
+
+class ContinuousActorCritic:
+    """The parts of SAC and TD3 that are the same: n-step transitions, the actor as the acting
+    network, uniform random actions for the warm-up, actions clipped to the bounds."""
+
+    spec: EnvSpec
+    config: ContinuousConfig
+    actor: nn.Module
+
+    @property
+    def data(self) -> TransitionData:
+        return TransitionData(n_step=self.config.n_step, gamma=self.config.gamma)
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.actor
+
+    def warm_up(self, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
+                greedy: bool) -> np.ndarray | None:
+        """Uniform random actions while the warm-up lasts (never for a greedy policy), else None."""
+        if greedy or env_steps >= self.config.random_steps:
+            return None
+        low, high = self.spec.action_low, self.spec.action_high
+        return rng.uniform(low, high, size=(len(obs), *self.spec.action_shape)).astype(np.float32)
+
+    def within_bounds(self, actions: np.ndarray) -> np.ndarray:
+        """tanh(u) * scale + centre can land a rounding error outside the bounds; noise more."""
+        return np.clip(actions, self.spec.action_low, self.spec.action_high).astype(np.float32, copy=False)
