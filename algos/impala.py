@@ -18,8 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from algos.nets import ActorCritic, Widths
-from algos.ppo import log_prob_entropy, sample_actions
+from algos.nets import Widths
+from algos.ppo import ActorCriticLearner, log_prob_entropy
 from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
 
 
@@ -67,7 +67,7 @@ def vtrace(behaviour_log_probs: torch.Tensor, target_log_probs: torch.Tensor, re
     return vs, advantages
 
 
-class IMPALA:
+class IMPALA(ActorCriticLearner):
     Config: ClassVar[type[BaseModel]] = IMPALAConfig
     # CartPole-v1 out of the box; stops at a greedy evaluation of 475 (BENCHMARKS.md).
     preset: ClassVar[dict[str, Any]] = {
@@ -82,28 +82,12 @@ class IMPALA:
     def __init__(self, spec: EnvSpec, config: IMPALAConfig, device: torch.device):
         if spec.action_kind != "discrete":
             raise ValueError(f"IMPALA here needs discrete actions; {spec.env_id} has continuous ones")
-        self.spec, self.config, self.device = spec, config, device
-        self.net = self.make_acting_network().to(device)
-        self._params = list(self.net.parameters())
-        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=1e-5, fused=True)
-        self.updates = 0
-        self.env_steps = 0  # learned from: drives the learning-rate schedule
+        super().__init__(spec, config, device)
 
     @property
     def data(self) -> TrajectoryData:
         return TrajectoryData(length=self.config.trajectory_length,
                               extras={"log_prob": ((), np.dtype(np.float32))}, wait_for_learner=False)
-
-    @property
-    def acting_network(self) -> nn.Module:
-        return self.net
-
-    def make_acting_network(self) -> ActorCritic:
-        return ActorCritic(self.spec.obs_shape, self.spec.num_actions, 0, self.config.hidden)
-
-    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
-            greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return sample_actions(network, self.spec, obs, rng, greedy)
 
     def update(self, batch: TrajectoryBatch) -> tuple[Metrics, None]:
         c = self.config
@@ -122,10 +106,7 @@ class IMPALA:
         entropy_mean = (entropy * mask).sum() / count
         loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy_mean
 
-        self.env_steps += int(count.item())
-        if c.anneal_env_steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = c.lr * max(0.0, 1.0 - self.env_steps / c.anneal_env_steps)
+        self.learned_from(int(count.item()))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self._params, c.max_grad_norm, foreach=True)
@@ -137,12 +118,3 @@ class IMPALA:
                 "entropy": entropy_mean.detach(), "grad_norm": grad_norm,
                 "rho_clip_fraction": (clipped * mask).sum() / count,
                 "learning_rate": self.optimizer.param_groups[0]["lr"]}, None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "updates": self.updates, "env_steps": self.env_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.updates, self.env_steps = int(state["updates"]), int(state["env_steps"])

@@ -106,7 +106,56 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
 # --- the algorithm ----------------------------------------------------------------------------
 
 
-class PPO:
+class ActorCriticLearner:
+    """What PPO and IMPALA share: one :class:`ActorCritic` trained by one Adam whose learning
+    rate anneals linearly to 0 over ``anneal_env_steps`` env steps learned from (0: constant),
+    acting by sampling the policy, and the state a checkpoint holds."""
+
+    def __init__(self, spec: EnvSpec, config: Any, device: torch.device):
+        self.spec, self.config, self.device = spec, config, device
+        self.net = self.make_acting_network().to(device)
+        self._params = list(self.net.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=1e-5, fused=True)
+        self.updates = 0
+        self.env_steps = 0  # learned from: drives the learning-rate schedule
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.net
+
+    def make_acting_network(self) -> ActorCritic:
+        s = self.spec
+        action_dim = s.action_shape[0] if s.action_kind == "continuous" else 0
+        return ActorCritic(s.obs_shape, s.num_actions, action_dim, self.config.hidden,
+                           self.config.init_log_std if action_dim else 0.0)
+
+    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
+            greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return sample_actions(network, self.spec, obs, rng, greedy)
+
+    def learning_rate(self) -> float:
+        c = self.config
+        if not c.anneal_env_steps:
+            return c.lr
+        return c.lr * max(0.0, 1.0 - self.env_steps / c.anneal_env_steps)
+
+    def learned_from(self, env_steps: int) -> None:
+        """Count ``env_steps`` more transitions learnt from and set the annealed learning rate."""
+        self.env_steps += env_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates, "env_steps": self.env_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates, self.env_steps = int(state["updates"]), int(state["env_steps"])
+
+
+class PPO(ActorCriticLearner):
     Config: ClassVar[type[BaseModel]] = PPOConfig
     # A built-in default that trains at once: CartPole-v1, stopping once a greedy evaluation
     # reaches 475 (the env's reward threshold), within 100k env steps. RL-Zoo's settings with 10
@@ -121,40 +170,12 @@ class PPO:
                   "target_return": 475.0},
     }
 
-    def __init__(self, spec: EnvSpec, config: PPOConfig, device: torch.device):
-        self.spec, self.config, self.device = spec, config, device
-        self.net = self.make_acting_network().to(device)
-        self._params = list(self.net.parameters())
-        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=1e-5, fused=True)
-        self.updates = 0
-        self.env_steps = 0  # learned from: drives the learning-rate schedule
-
     @property
     def data(self) -> TrajectoryData:
         extras: dict[str, tuple[tuple[int, ...], np.dtype]] = {"log_prob": ((), np.dtype(np.float32))}
         if self.spec.action_kind == "continuous":
             extras["raw_action"] = (self.spec.action_shape, np.dtype(np.float32))
         return TrajectoryData(length=self.config.rollout_length, extras=extras, wait_for_learner=True)
-
-    @property
-    def acting_network(self) -> nn.Module:
-        return self.net
-
-    def make_acting_network(self) -> ActorCritic:
-        s = self.spec
-        action_dim = s.action_shape[0] if s.action_kind == "continuous" else 0
-        return ActorCritic(s.obs_shape, s.num_actions, action_dim, self.config.hidden,
-                           self.config.init_log_std)
-
-    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
-            greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return sample_actions(network, self.spec, obs, rng, greedy)
-
-    def learning_rate(self) -> float:
-        c = self.config
-        if not c.anneal_env_steps:
-            return c.lr
-        return c.lr * max(0.0, 1.0 - self.env_steps / c.anneal_env_steps)
 
     def update(self, batch: TrajectoryBatch) -> tuple[Metrics, None]:
         c = self.config
@@ -172,9 +193,7 @@ class PPO:
         old_log_probs = batch.extras["log_prob"].flatten()[keep]
         advantages, returns = advantages.flatten()[keep], returns.flatten()[keep]
         old_values = values[:-1].flatten()[keep]
-        self.env_steps += len(keep)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate()
+        self.learned_from(len(keep))
 
         count = len(keep)
         size = min(c.minibatch_size, count)
@@ -216,12 +235,3 @@ class PPO:
         self.updates += 1
         metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         return metrics, None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "updates": self.updates, "env_steps": self.env_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.updates, self.env_steps = int(state["updates"]), int(state["env_steps"])
