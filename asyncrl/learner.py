@@ -24,6 +24,17 @@ _FIELDS = ("obs", "actions", "rewards", "discounts", "next_obs", "weights")
 _LOOP_SLICE_S = 0.008
 
 
+async def run_to_completion(executor: ThreadPoolExecutor, fn: Callable, *args):
+    """``fn(*args)`` in ``executor``. If the awaiting task is cancelled meanwhile, ``fn`` is let
+    finish before the cancellation goes on: no update runs on after its task ended."""
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +125,6 @@ class Learner:
         threads of one process would contend for its GIL. The first chunk runs in the thread
         either way: it may take seconds (an algorithm compiling its update, lazy allocations)
         and must not stall the loop meanwhile."""
-        loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
         first = True
         try:
@@ -138,12 +148,7 @@ class Learner:
                     if not (in_thread or first):
                         priorities = self._update(batches)
                     else:
-                        future = loop.run_in_executor(self._executor, self._update, batches)
-                        try:
-                            priorities = await asyncio.shield(future)
-                        except asyncio.CancelledError:
-                            await asyncio.wait([future])  # never leave an update running on its own
-                            raise
+                        priorities = await run_to_completion(self._executor, self._update, batches)
                 self._finish([k for _, k in drawn], priorities)
                 first = False
                 if not in_thread:

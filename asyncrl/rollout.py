@@ -25,6 +25,7 @@ from asyncrl.actor import Actor
 from asyncrl.core import Algorithm, TrajectoryBatch, split_actions
 from asyncrl.envs import Step
 from asyncrl.faults import NonFiniteGuard
+from asyncrl.learner import run_to_completion
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, _Waiters
 from asyncrl.weights import WeightStore
@@ -392,7 +393,6 @@ class TrajectoryLearner:
             self.step()
 
     async def run(self, in_thread: bool) -> None:
-        loop = asyncio.get_running_loop()
         if in_thread and not self.acting_waits:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
         try:
@@ -407,12 +407,7 @@ class TrajectoryLearner:
                     if self._executor is None:
                         applied = self._update(batch)
                     else:
-                        future = loop.run_in_executor(self._executor, self._update, batch)
-                        try:
-                            applied = await asyncio.shield(future)
-                        except asyncio.CancelledError:
-                            await asyncio.wait([future])
-                            raise
+                        applied = await run_to_completion(self._executor, self._update, batch)
                 self.recorder.updates += applied
                 if self._executor is None:
                     await asyncio.sleep(0)
