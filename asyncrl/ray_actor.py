@@ -236,11 +236,11 @@ class RayActor(ActorBase):
         self._calls += 1
         return self.handle.collect.remote(version, [ref], self.recorder.env_steps, pull)
 
-    async def _started(self) -> None:
+    async def _started(self, timeout: float | None = None) -> None:
         """Wait until the remote actor runs (placed, envs made); note where it runs."""
         try:
             info = await asyncio.wait_for(self.handle.where.remote(),
-                                          self.backend.config.start_timeout_s)
+                                          timeout or self.backend.config.start_timeout_s)
         except TimeoutError:
             raise RunError(f"remote actor {self.index} did not start within "
                            f"{self.backend.config.start_timeout_s:.0f} s (actors.ray.start_timeout_s); "
@@ -295,19 +295,28 @@ class RayActor(ActorBase):
         self._after_end[:] = True
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
-        log.warning("remote actor %d (pid %s) died; Ray restarts it (%d so far)",
-                    self.index, self.pid, self.restarts)
-        try:
-            await self._started()
-        except self.backend.ray.exceptions.RayActorError:
-            self.backend.alive -= 1
-            log.error("remote actor %d died %d times (actors.ray.max_restarts = %d): given up",
-                      self.index, self.restarts, self.backend.config.max_restarts)
-            if self.backend.alive == 0:
-                raise RunError(f"every remote actor died more than actors.ray.max_restarts "
-                               f"({self.backend.config.max_restarts}) times: stopping") from None
-            return False
-        return True
+        log.warning("remote actor %d (pid %s) died (%s); Ray restarts it (%d so far)",
+                    self.index, self.pid, type(exc).__name__, self.restarts)
+        cfg = self.backend.config
+        deadline = time.monotonic() + cfg.start_timeout_s
+        while self.restarts <= cfg.max_restarts:
+            try:  # a call to an actor still restarting fails at once: ask again until it answers
+                await self._started(max(0.1, deadline - time.monotonic()))
+                return True
+            except self.backend.ray.exceptions.RayActorError as again:
+                exc = again
+            except RunError:  # not back within actors.ray.start_timeout_s
+                break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        self.backend.alive -= 1
+        log.error("remote actor %d is lost after %d restarts (actors.ray.max_restarts = %d): %s",
+                  self.index, self.restarts - 1, cfg.max_restarts, _last_line(exc))
+        if self.backend.alive == 0:
+            raise RunError(f"every remote actor is lost (actors.ray.max_restarts = {cfg.max_restarts}): "
+                           "stopping") from None
+        return False
 
     def close(self) -> None:
         """Kill the remote actor for good (no restart); its envs go with its process."""
