@@ -86,7 +86,8 @@ class ActorsConfig(_Section):
     backend: Literal["local", "ray"] = Field(
         "local",
         description="local: actors on this machine, as actors.placement says. ray: each actor in a "
-        "Ray actor on any node of a Ray cluster (pip install -e \".[ray]\"; see actors.ray).")
+        "Ray actor on any node of a Ray cluster, placement ignored (pip install -e \".[ray]\"; "
+        "see actors.ray).")
     ray: RayConfig = Field(default_factory=RayConfig)
     pull_every: int = Field(
         1, ge=1, description="Actor batches between checks for new weights in the weight store.")
@@ -197,9 +198,6 @@ class Config(_Section):
             raise ValueError("serial mode steps all envs together: leave env.batch_size unset")
         if self.actors.backend == "ray" and self.train.mode == "serial":
             raise ValueError("serial mode runs everything in one task: actors.backend must be local")
-        if self.actors.backend == "ray" and self.actors.placement != "auto":
-            raise ValueError("actors.placement applies to the local backend only: leave it auto "
-                             "with actors.backend = 'ray'")
         if self.train.mode == "serial" and self.actors.placement == "process":
             raise ValueError("serial mode runs everything in one task: actors.placement must be "
                              "inline or auto")
