@@ -78,6 +78,18 @@ async def until(predicate, timeout: float) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
+def test_without_an_address_the_run_starts_and_stops_a_local_ray(tmp_path):
+    """Runs before the cluster exists: nothing to join, so the trainer starts Ray on loopback."""
+    assert not ray.is_initialized()
+    cfg = build_config(DQN.preset, overrides=[*REMOTE, "actors.ray.resources={}", "train.total_env_steps=2000",
+                                              "replay.min_size_to_sample=500", "train.eval_every=1000000"])
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = asyncio.run(asyncio.wait_for(trainer.run(), 90))
+    assert result["env_steps"] >= 2000 and result["updates"] > 0
+    assert trainer.c.actors[0].weight_version > 1
+    assert not ray.is_initialized() and not pid_alive(trainer.c.actors[0].pid)
+
+
 def test_stop_leaves_no_ray_actor_alive_and_ray_as_it_was(cluster, tmp_path):
     """The trainer joins the cluster itself (actors.ray.address), stops mid-run, and leaves."""
     assert not ray.is_initialized()
