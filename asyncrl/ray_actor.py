@@ -226,6 +226,7 @@ class RayActor(ActorBase):
         self.restarts = 0  # deaths survived (Ray restarted the remote actor)
         self.bytes_received = 0  # batch payload shipped to the loop
         self.weight_fetches = 0  # weight objects the remote actor fetched
+        self.calls_done = 0  # calls whose batches came back
         self._calls = 0
 
     def _submit(self) -> Any:
@@ -269,6 +270,7 @@ class RayActor(ActorBase):
                 except ray.exceptions.RayTaskError as exc:  # an error inside the actor's code
                     raise RunError(f"remote actor {self.index} failed: {_last_line(exc)}") from None
                 in_flight.popleft()
+                self.calls_done += 1
                 self.bytes_received += sum(a.nbytes for a in out.values())
                 env_wait, inference, fetched = out["timing"]
                 self.weight_fetches += int(fetched)
