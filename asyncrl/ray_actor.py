@@ -198,8 +198,11 @@ class RayBackend:
 
     def make_actor(self, *args: Any) -> Any:
         c = self.config
-        return self._remote_class.options(num_cpus=c.num_cpus, resources=dict(c.resources), max_restarts=c.max_restarts,
-                           max_task_retries=0, scheduling_strategy="SPREAD").remote(*args)
+        # SPREAD: one actor per node while nodes have room, so actors do not share a node's CPUs.
+        # No task retries: a call lost with its actor is noticed (the envs restart), not replayed.
+        return self._remote_class.options(
+            num_cpus=c.num_cpus, resources=dict(c.resources), max_restarts=c.max_restarts,
+            max_task_retries=0, scheduling_strategy="SPREAD").remote(*args)
 
     def close(self) -> None:
         if self._started and self.ray.is_initialized():
