@@ -158,26 +158,31 @@ def test_dqn_learns_cartpole_with_remote_actors(connected, tmp_path):
 
 @pytest.mark.learning
 def test_a_killed_remote_actor_is_restarted_counted_and_learning_goes_on(connected, tmp_path):
+    # No target return: the run goes on to its budget, so learning after the kill is seen.
     cfg = build_config(DQN.preset, overrides=[*REMOTE, "actors.num_actors=2", "train.seed=0",
-                                              "train.total_env_steps=40000", "train.eval_every=5000",
-                                              "train.target_return=200"])
+                                              "train.total_env_steps=25000", "train.eval_every=5000",
+                                              "train.target_return=1e9"])
     trainer = Trainer(cfg, run_dir=tmp_path)
     seen = {}
 
     async def main():
         task = asyncio.create_task(trainer.run())
-        await until(lambda: trainer.recorder is not None and trainer.recorder.env_steps >= 3000
+        await until(lambda: trainer.recorder is not None and trainer.recorder.env_steps >= 2000
                     and all(a.pid for a in trainer.c.actors), 90)
-        seen["pid"], seen["updates"] = trainer.c.actors[0].pid, trainer.recorder.updates
+        seen.update(pid=trainer.c.actors[0].pid, updates=trainer.recorder.updates,
+                    steps=trainer.recorder.env_steps, calls=trainer.c.actors[0].calls_done)
         os.kill(seen["pid"], signal.SIGKILL)
-        return await asyncio.wait_for(task, 120)
+        return await asyncio.wait_for(task, 150)
 
     result = asyncio.run(main())
     first = trainer.c.actors[0]
     assert first.restarts == 1 and first.pid != seen["pid"]  # Ray restarted it, we counted it
-    assert result["updates"] > seen["updates"] + 100
-    assert result["eval"]["eval/return_mean"] >= 200 and result["reached_target_at"] <= 40000
-    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["charts/actor_restarts"] == 1
+    assert first.calls_done > seen["calls"] + 10  # and the restarted actor delivered again
+    assert result["env_steps"] >= 25000 and result["updates"] > seen["updates"] + 1000
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    after = [r["eval/return_mean"] for r in rows if "eval/return_mean" in r and r["env_steps"] > seen["steps"]]
+    assert len(after) >= 3 and max(after) >= 150  # random play scores ~20
+    assert rows[-1]["charts/actor_restarts"] == 1
     assert live_actors() == []
 
 
