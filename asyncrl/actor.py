@@ -43,6 +43,27 @@ class ActorBase:
         self.recorder.env_steps += int(real.sum())
         self.adder.observe(ids, step.obs, step.rewards, step.terminated, step.truncated)
 
+    async def ingest(self, limiter: RateLimiter, step: Step, actions: np.ndarray,
+                     extras: dict[str, np.ndarray] | None, version: int) -> None:
+        """A batch acted on elsewhere (a worker process, a remote actor) with the weights of
+        ``version``: wait for room under the limiter, take it in, record the actions that were
+        sent. ``extras`` (what the policy returned beside the actions) goes to a trajectory
+        adder with the version; None for an n-step adder."""
+        t0 = time.perf_counter()
+        pending = self.adder.pending(step.env_ids)
+        if pending:
+            await limiter.await_insert(pending)
+        t1 = time.perf_counter()
+        self.observe(step)
+        self.weight_version = version
+        if extras is not None:
+            self.adder.record_actions(step.env_ids, actions, extras, version)
+        else:
+            self.adder.record_actions(step.env_ids, actions)
+        timer = self.recorder.timer
+        timer.add("insert_wait", t1 - t0)
+        timer.add("insert", time.perf_counter() - t1)
+
     def staleness(self) -> int:
         return max(0, self.store.version - self.weight_version)
 

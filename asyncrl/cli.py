@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
@@ -145,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
             result = runner.run(_run(args, config, console, seen))
     except USAGE_ERRORS as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except RunError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]interrupted[/yellow]")
@@ -158,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
             inner = inner.exceptions[0]
         if isinstance(inner, USAGE_ERRORS):
-            console.print(f"[red]error:[/red] {inner}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(inner))}", highlight=False, soft_wrap=True)
             return 2
         run_dir = seen.get("run_dir")
         where = run_dir if run_dir is not None and run_dir.is_dir() else Path(tempfile.gettempdir())
         crash = (where / "asyncrl-crash.log").resolve()
         crash.write_text("".join(traceback.format_exception(exc)))
-        console.print(f"[red]error:[/red] {type(inner).__name__}: {inner} (traceback in {crash})",
+        console.print(f"[red]error:[/red] {type(inner).__name__}: {escape(str(inner))} (traceback in {crash})",
                       highlight=False, soft_wrap=True)
         return 1
     ev = result.get("eval", {})

@@ -54,8 +54,41 @@ class EnvConfig(_Section):
         return batch_size
 
 
+class RayConfig(_Section):
+    """Where and how remote actors run when ``actors.backend = "ray"``."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join (ray.init(address=...), e.g. 'auto' or 'HEAD_IP:6379'). "
+        "None: the Ray this process is already connected to, else a local one started for the run.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each remote actor reserves on its node.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each remote actor asks for, e.g. {worker = 1} to place "
+        "actors only on nodes started with --resources='{\"worker\": N}'.")
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a remote actor that died (each counted in "
+        "charts/actor_restarts); one that dies more often is given up.")
+    batches_per_call: int = Field(
+        8, ge=1,
+        description="Env batches a remote actor steps per call, shipped back as one object (amortises "
+        "Ray's per-call cost; new weights are taken at the start of a call).")
+    calls_in_flight: int = Field(
+        2, ge=1,
+        description="Calls queued on each remote actor, so it steps while the last batch travels; "
+        "the loop queues the next only after ingesting one (the rate limiter throttles acting).")
+    start_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds a remote actor may take to be placed and start.")
+
+
 class ActorsConfig(_Section):
     num_actors: int = Field(1, ge=1, description="Actor tasks, each driving its own env pool.")
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="local: actors on this machine, as actors.placement says. ray: each actor in a "
+        "Ray actor on any node of a Ray cluster, placement ignored (pip install -e \".[ray]\"; "
+        "see actors.ray).")
+    ray: RayConfig = Field(default_factory=RayConfig)
     pull_every: int = Field(
         1, ge=1, description="Actor batches between checks for new weights in the weight store.")
     placement: Literal["auto", "inline", "process"] = Field(
@@ -163,6 +196,8 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.train.mode == "serial" and self.env.batch_size not in (None, self.env.num_envs):
             raise ValueError("serial mode steps all envs together: leave env.batch_size unset")
+        if self.actors.backend == "ray" and self.train.mode == "serial":
+            raise ValueError("serial mode runs everything in one task: actors.backend must be local")
         if self.train.mode == "serial" and self.actors.placement == "process":
             raise ValueError("serial mode runs everything in one task: actors.placement must be "
                              "inline or auto")

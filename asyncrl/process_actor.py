@@ -173,23 +173,10 @@ class ProcessActor(ActorBase):
                 n = int(v["sizes"][slot])
                 step = Step(v["obs"][slot, :n], v["rewards"][slot, :n], v["terminated"][slot, :n],
                             v["truncated"][slot, :n], v["env_ids"][slot, :n])
-                t0 = time.perf_counter()
-                pending = self.adder.pending(step.env_ids)
-                if pending:
-                    await limiter.await_insert(pending)
-                t1 = time.perf_counter()
-                self.observe(step)
-                self.weight_version = version
-                if self._extras:  # a trajectory adder: the policy's extras and version too
-                    self.adder.record_actions(step.env_ids, v["actions"][slot, :n],
-                                              {k: v[f"extra_{k}"][slot, :n] for k in self._extras}, version)
-                else:
-                    self.adder.record_actions(step.env_ids, v["actions"][slot, :n])
+                extras = {k: v[f"extra_{k}"][slot, :n] for k in self._extras} if self._extras else None
+                await self.ingest(limiter, step, v["actions"][slot, :n], extras, version)
                 self._conn.send_bytes(struct.pack("<i", slot))
                 self._control[_ENV_STEPS] = self.recorder.env_steps
-                t2 = time.perf_counter()
-                timer.add("insert_wait", t1 - t0)
-                timer.add("insert", t2 - t1)
                 timer.add("actor_env_wait", env_wait)
                 timer.add("actor_inference", inference)
                 timer.add("actor_slot_wait", slot_wait)

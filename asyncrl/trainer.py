@@ -50,12 +50,18 @@ class Components:
     recorder: Recorder
     actors: list[Actor | ProcessActor]
     learner: Learner | TrajectoryLearner
+    remote: Any = None  # the Ray backend (actors.backend = "ray"): closed after the actors
 
 
 def placement(config: Config, device: torch.device, env_fn: Callable | None) -> str:
     """Where actors run. auto: in worker processes when the learner is on the CPU (acting and
     learning then do not share one GIL), inline when it is on CUDA (its launches barely hold the
-    GIL), and inline in serial mode or for an env given as a Python callable."""
+    GIL), and inline in serial mode or for an env given as a Python callable. ``ray``: remote
+    actors (actors.backend = "ray")."""
+    if config.actors.backend == "ray":
+        if env_fn is not None:
+            raise ConfigError("actors.backend = 'ray' needs an env id, not a Python env factory")
+        return "ray"
     chosen = config.actors.placement
     if chosen == "auto":
         inline = config.train.mode == "serial" or device.type == "cuda" or env_fn is not None
@@ -117,9 +123,12 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
                           spec.action_shape, spec.action_dtype)
 
     actors: list[Actor | ProcessActor] = []
+    remote = None
     if where == "inline":
         actors = [Actor(env, algo, store, adder(i), recorder, np.random.default_rng([seed, i]),
                         config.actors.pull_every) for i, env in enumerate(envs)]
+    elif where == "ray":
+        remote, actors = _ray_actors(config, spec, store, env_args, adder, recorder)
     else:
         try:
             for i in range(n):
@@ -138,7 +147,27 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     learner = Learner(algo, replay, limiter, store, recorder, device, config.learner.batch_size,
                       config.learner.publish_every, config.learner.max_updates_per_call,
                       importance_exponent, config.learner.max_nonfinite_in_a_row)
-    return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner)
+    return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner, remote)
+
+
+def _ray_actors(config: Config, spec: EnvSpec, store: WeightStore, env_args: list[dict[str, Any]],
+                adder: Callable, recorder: Recorder, extras: dict | None = None) -> tuple[Any, list]:
+    """Remote actors, one Ray actor each, on whatever nodes the cluster places them."""
+    from asyncrl.ray_actor import RayActor, RayBackend  # Ray is optional: imported only here
+
+    backend = RayBackend(config.actors.ray, store)
+    actors: list = []
+    try:
+        for i in range(config.actors.num_actors):
+            actors.append(RayActor(backend, i, spec, env_args[i], config.algo.name, config.algo.params,
+                                   store, adder(i), recorder, config.train.seed,
+                                   config.actors.pull_every, extras))
+    except BaseException:
+        for actor in actors:
+            actor.close()
+        backend.close()
+        raise
+    return backend, actors
 
 
 def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None, spec: EnvSpec,
@@ -159,6 +188,9 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
         if where == "process":
             raise ConfigError(f"{config.algo.name} alternates acting and learning (policy lag 0), so "
                               "worker processes would not overlap them: use actors.placement = 'inline'")
+        if where == "ray":
+            raise ConfigError(f"{config.algo.name} alternates acting and learning (policy lag 0), so "
+                              "remote actors would not overlap them: use actors.backend = 'local'")
         batch, capacity, publish_every = streams, streams, 1
     else:
         batch, publish_every = config.learner.batch_size, config.learner.publish_every
@@ -179,6 +211,7 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
                                 config.learner.max_nonfinite_in_a_row)
     learner.acting_waits = data.wait_for_learner
     actors: list[Actor | ProcessActor] = []
+    remote = None
     if where == "inline":
         for i, env in enumerate(envs):
             actor = OnPolicyActor(env, algo, store, adder(i), recorder, np.random.default_rng([config.train.seed, i]),
@@ -187,6 +220,8 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
             if config.train.mode == "serial":
                 actor.learn_now = learner.drain
             actors.append(actor)
+    elif where == "ray":
+        remote, actors = _ray_actors(config, spec, store, env_args, adder, recorder, data.extras)
     else:
         try:
             for i in range(n):
@@ -197,7 +232,7 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
             for actor in actors:
                 actor.close()
             raise
-    return Components(config, spec, algo, queue, queue, store, recorder, actors, learner)
+    return Components(config, spec, algo, queue, queue, store, recorder, actors, learner, remote)
 
 
 def default_run_dir(config: Config) -> Path:
@@ -516,14 +551,19 @@ class Trainer:
     def counters(self) -> dict[str, float]:
         """Faults survived so far (``charts/`` in each row)."""
         c = self.c
-        return {"skipped_updates": c.learner.guard.skipped_updates,
-                "env_errors": sum(getattr(a.env, "errors", 0) for a in c.actors if isinstance(a, Actor))}
+        counters = {"skipped_updates": c.learner.guard.skipped_updates,
+                    "env_errors": sum(getattr(a.env, "errors", 0) for a in c.actors if isinstance(a, Actor))}
+        if c.remote is not None:  # remote actors that died and were restarted by Ray
+            counters["actor_restarts"] = sum(a.restarts for a in c.actors)
+        return counters
 
     def _close(self, threads_before: int) -> None:
         if self.c is not None:
             self.c.limiter.stop()
             for actor in self.c.actors:
                 actor.close()
+            if self.c.remote is not None:
+                self.c.remote.close()
             self.c.recorder.close()
         if self._eval_env is not None:
             self._eval_env.close()
