@@ -121,8 +121,9 @@ class RemoteActor:
             t0 = time.perf_counter()
             step = self.env.recv()
             t1 = time.perf_counter()
-            actions, extras = split_actions(
-                self.algo.act(self.network, torch.from_numpy(step.obs), env_steps, self.rng))
+            with torch.inference_mode():
+                actions, extras = split_actions(
+                    self.algo.act(self.network, torch.from_numpy(step.obs), env_steps, self.rng))
             self.env.send(actions, step.env_ids)
             t2 = time.perf_counter()
             n = len(step.env_ids)
