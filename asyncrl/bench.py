@@ -171,7 +171,7 @@ def measure_env_ceiling(config: Config, spec: EnvSpec, seconds: float, warmup_s:
     """Env steps/s of one pool with random actions."""
     e = config.env
     rng = np.random.default_rng(config.train.seed)
-    with make_env(e.id, e.num_envs, e.batch_size, config.train.seed, e.kwargs) as env:
+    with make_env(e.id, e.num_envs, e.batch_size, config.train.seed, e.kwargs, obs_indices=e.obs_indices) as env:
         after_end = np.ones(env.num_envs, bool)  # counted like ActorBase.observe counts
         steps = 0
 
@@ -473,7 +473,7 @@ def _act_serial(c: Components, seconds: float, warmup_s: float) -> float:
 
 def _probe_spec(config: Config) -> EnvSpec:
     e = config.env
-    with make_env(e.id, 1, None, config.train.seed, e.kwargs) as probe:
+    with make_env(e.id, 1, None, config.train.seed, e.kwargs, obs_indices=e.obs_indices) as probe:
         return probe.spec
 
 

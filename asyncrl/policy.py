@@ -142,5 +142,6 @@ def load_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> Po
 def _probe_spec(config: Config) -> EnvSpec:
     from asyncrl.envs import make_env
 
-    with make_env(config.env.id, 1, None, config.train.seed, config.env.kwargs) as env:
+    with make_env(config.env.id, 1, None, config.train.seed, config.env.kwargs,
+                  obs_indices=config.env.obs_indices) as env:
         return env.spec
