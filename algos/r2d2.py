@@ -188,7 +188,7 @@ class R2D2:
     # CartPole-v1 observing only the cart position and the pole angle: velocities must be
     # inferred from the history, so a feed-forward Q-network cannot do well (configs/r2d2_cartpole.toml).
     preset: ClassVar[dict[str, Any]] = {
-        "algo": {"name": "r2d2", "lr": 1e-3, "gamma": 0.99, "n_step": 5, "sequence_length": 20,
+        "algo": {"name": "r2d2", "lr": 1e-3, "adam_eps": 1e-5, "gamma": 0.99, "n_step": 5, "sequence_length": 20,
                  "sequence_period": 10, "burn_in": 4, "hidden": [64], "lstm_size": 64,
                  "target_update_period": 200, "eps_decay_steps": 30_000},
         "env": {"id": "CartPole-v1", "num_envs": 16, "obs_indices": [0, 2]},

@@ -171,7 +171,7 @@ class SequenceReplay:
                batches: int = 1) -> dict[str, Any]:
         """``batch_size * batches`` sequences, batch first (``[N, length, ...]``): ``obs, actions,
         rewards, terminated, truncated, applied, valid`` (see :class:`~asyncrl.core.SequenceBatch`;
-        rows outside the episode are zeros), ``state`` (name -> ``[N, ...]``: the actor state at
+        rows outside the episode are zeros, and so is all but the observation of its final row), ``state`` (name -> ``[N, ...]``: the actor state at
         each first row), ``weights`` (importance weights, max 1 within each batch) and ``keys``."""
         if self.num_sampleable == 0:
             raise ValueError(
@@ -191,9 +191,11 @@ class SequenceReplay:
         valid[:, 1:] &= np.cumprod(applied[:, :-1], axis=1, dtype=bool)
         valid = np.cumprod(valid, axis=1, dtype=bool)
 
-        def gather(array: np.ndarray) -> np.ndarray:
+        applied &= valid
+
+        def gather(array: np.ndarray, keep: np.ndarray) -> np.ndarray:
             out = array[rows, window]
-            out[~valid] = 0
+            out[~keep] = 0
             return out
 
         weights = np.ones(total, np.float32)
@@ -201,9 +203,11 @@ class SequenceReplay:
             w = (self._tree.get(leaves) ** -importance_exponent).reshape(batches, -1)
             weights = (w / w.max(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
         return {
-            "obs": gather(self.obs), "actions": gather(self.actions), "rewards": gather(self.rewards),
-            "terminated": gather(self.terminated), "truncated": gather(self.truncated),
-            "applied": applied & valid, "valid": valid,
+            # An episode's final observation is there to bootstrap from; the rest of its row is
+            # EnvPool's reset step, no transition: zeros like the padding.
+            "obs": gather(self.obs, valid), "actions": gather(self.actions, applied),
+            "rewards": gather(self.rewards, applied), "terminated": gather(self.terminated, applied),
+            "truncated": gather(self.truncated, applied), "applied": applied, "valid": valid,
             "state": {name: array[streams, cols] for name, array in self.states.items()},
             "weights": weights, "keys": starts * self.num_streams + streams,
         }
