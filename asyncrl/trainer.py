@@ -92,13 +92,6 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         except ValueError as exc:  # the algorithm refuses this env (e.g. continuous actions)
             raise ConfigError(f"{config.algo.name} cannot train on {e.id}: {exc}") from None
         state_spec = actor_state_spec(algo)
-        if state_spec and where == "process":
-            # Process actors hand over no actor state yet: a recurrent policy acts inline.
-            if config.actors.placement == "process":
-                raise ConfigError(f"{config.algo.name} carries a recurrent state per env, which process "
-                                  "actors do not support yet: use actors.placement = 'inline' (or auto)")
-            where = "inline"
-            envs = [make_env(**args, env_fn=env_fn) for args in env_args]
     except BaseException:
         for env in envs:
             env.close()
@@ -146,7 +139,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         try:
             for i in range(n):
                 actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params,
-                                           store, adder(i), recorder, seed, config.actors.pull_every))
+                                           store, adder(i), recorder, seed, config.actors.pull_every,
+                                           state_spec=state_spec))
         except BaseException:
             for actor in actors:
                 actor.close()
@@ -169,6 +163,9 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     """The on-policy half of :func:`build`: actors -> trajectory adders -> FIFO rollout queue ->
     learner -> weight store -> actors."""
     e, n, streams = config.env, config.actors.num_actors, config.num_streams
+    if actor_state_spec(algo):
+        raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which trajectory "
+                          "data does not store yet (sequence data does)")
     if data.wait_for_learner:
         # Acting pauses after each trajectory until the learner has trained on every env's one:
         # one update per rollout, published at once, with the envs stepping in lock-step.

@@ -163,21 +163,25 @@ def test_configs_and_one_line_errors(tmp_path):
     assert preset.env.obs_indices == [0, 2]
     with pytest.raises(ConfigError, match="burn_in"):
         resolve_config("r2d2", overrides=["algo.burn_in=19"])
-    cfg = resolve_config("r2d2", overrides=["actors.placement=process", f"train.run_dir={tmp_path / 'p'}"])
-    with pytest.raises(ConfigError, match="recurrent state"):
-        asyncio.run(Trainer(cfg).run())
     cfg = resolve_config("r2d2", overrides=["replay.capacity=500", "replay.min_size_to_sample=100",
                                             f"train.run_dir={tmp_path / 'c'}"])
     with pytest.raises(ConfigError, match="capacity"):
         asyncio.run(Trainer(cfg).run())
 
 
-def test_runs_async_with_auto_placement_and_resumes(tmp_path):
-    over = ["actors.placement=auto", "train.total_env_steps=3000", "train.eval_every=2000",
+def test_runs_async_with_process_actors_and_resumes(tmp_path):
+    """Process actors carry the recurrent state in their worker and hand it over with each batch."""
+    over = ["actors.placement=process", "train.total_env_steps=3000", "train.eval_every=2000",
             "train.eval_episodes=2", "train.checkpoint_every=2000", "replay.min_size_to_sample=500",
             "train.log_every=500", "algo.sequence_length=10", "algo.sequence_period=5", "algo.burn_in=2"]
-    result = asyncio.run(asyncio.wait_for(Trainer(resolve_config("r2d2", overrides=over), run_dir=tmp_path).run(), 120))
+    trainer = Trainer(resolve_config("r2d2", overrides=over), run_dir=tmp_path)
+    result = asyncio.run(asyncio.wait_for(trainer.run(), 120))
     assert result["env_steps"] >= 3000 and result["updates"] > 0
+    replay = trainer.c.replay
+    filled = replay.positions >= 0
+    starts = filled & (replay.episode_steps == 0)
+    assert starts.sum() > 16 and np.all(replay.states["h"][starts] == 0)  # zeroed at episode starts
+    assert np.all(np.abs(replay.states["c"][filled & ~starts]).sum(-1) > 0)  # carried otherwise
     resumed = Trainer(resolve_config("r2d2", overrides=[*over, "train.total_env_steps=5000"]),
                       run_dir=tmp_path, resume=True)
     result = asyncio.run(asyncio.wait_for(resumed.run(), 120))
@@ -210,8 +214,9 @@ def test_r2d2_solves_cartpole_without_velocities(tmp_path):
 @pytest.mark.learning
 def test_feed_forward_dqn_stays_far_below_on_the_same_observations(tmp_path):
     """DQN's CartPole preset, observing the same two entries: it cannot tell which way the pole is
-    moving. Over 100k env steps it stays far from 400 (the full 300k run is in the report)."""
+    moving. Over 60k env steps it stays far from 400; measured here over 300k: best 45, last 21."""
     cfg = resolve_config("dqn", overrides=["train.mode=serial", "train.seed=0", "env.obs_indices=[0,2]",
+                                           "train.total_env_steps=60000",
                                            "train.target_return=400", "train.tensorboard=false"])
     result = asyncio.run(Trainer(cfg, run_dir=tmp_path).run())
     assert "reached_target_at" not in result
