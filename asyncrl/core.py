@@ -3,8 +3,8 @@
 An algorithm (in ``algos/``) builds its networks from an :class:`EnvSpec`, names the data it needs
 (:class:`TransitionData` off-policy, :class:`TrajectoryData` on-policy, :class:`SequenceData`
 for recurrent off-policy learners), selects actions with
-:meth:`Algorithm.act` and learns from a :class:`TransitionBatch` or :class:`TrajectoryBatch` in
-:meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
+:meth:`Algorithm.act` and learns from a :class:`TransitionBatch`, :class:`TrajectoryBatch` or
+:class:`SequenceBatch` in :meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
 replay: the engine owns those and hands it tensors.
 """
 
@@ -189,7 +189,8 @@ class Algorithm(Protocol):
         env's state, carries it from step to step and zeroes it at every episode's start."""
         ...
 
-    def update(self, batch: TransitionBatch | TrajectoryBatch) -> tuple[Metrics, torch.Tensor | None]:
+    def update(self, batch: TransitionBatch | TrajectoryBatch | SequenceBatch
+               ) -> tuple[Metrics, torch.Tensor | None]:
         """One update (off-policy: one gradient step; on-policy: all of a batch's epochs).
         Returns metrics (keys without prefix, e.g. ``td_loss``) and the new priorities of the
         batch's items, or None when the algorithm does not use priorities."""
