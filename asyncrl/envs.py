@@ -370,7 +370,10 @@ class _SelectObs(VecEnv):
         self._env, self._indices = env, np.asarray(indices, np.int64)
 
     def __getattr__(self, name: str) -> Any:  # the wrapped env's counters (errors, ...)
-        return getattr(self.__dict__["_env"], name)
+        env = self.__dict__.get("_env")
+        if env is None:
+            raise AttributeError(name)
+        return getattr(env, name)
 
     def _reset(self) -> None:
         self._env._reset()

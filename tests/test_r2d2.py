@@ -238,3 +238,22 @@ def test_policy_carries_the_recurrent_state_between_calls_until_reset():
     np.testing.assert_array_equal(np.stack([policy(o) for o in obs]), expected)
     policy.reset()
     np.testing.assert_array_equal(policy(obs[0]), expected[0])
+
+
+def test_state_dict_round_trip_resumes_learning_exactly():
+    import copy
+
+    torch.manual_seed(0)
+    config = SMALL.model_copy(update={"target_update_period": 3})
+    algo = R2D2(MASKED, config, torch.device("cpu"))
+    for seed in range(4):
+        algo.update(sequence_batch(algo, seed=seed))
+    other = R2D2(MASKED, config, torch.device("cpu"))
+    other.load_state_dict(copy.deepcopy(algo.state_dict()))  # as from a file: no shared tensors
+    assert other.updates == 4
+    for seed in (5, 6):  # the target copy falls at update 6 on both
+        (m0, p0), (m1, p1) = algo.update(sequence_batch(algo, seed=seed)), other.update(sequence_batch(other, seed=seed))
+        torch.testing.assert_close(m1["td_loss"], m0["td_loss"])
+        torch.testing.assert_close(p1, p0)
+    for a, b in zip(algo.target_q.parameters(), other.target_q.parameters()):
+        torch.testing.assert_close(a, b)
