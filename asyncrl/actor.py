@@ -10,11 +10,45 @@ import numpy as np
 import torch
 
 from asyncrl.adders import NStepAdder
-from asyncrl.core import Algorithm
+from asyncrl.core import Algorithm, StateSpec, actor_state_spec
 from asyncrl.envs import Step, VecEnv
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.weights import WeightStore
+
+
+class EnvStates:
+    """Each env's actor state (e.g. an LSTM's h and c) as an algorithm declares it: zeros at an
+    episode's first observation, then whatever the policy returned at the env's previous step."""
+
+    def __init__(self, spec: StateSpec, num_envs: int):
+        self._arrays = {name: np.zeros((num_envs, *shape), dtype) for name, (shape, dtype) in spec.items()}
+
+    def reset(self, env_ids) -> None:
+        for array in self._arrays.values():
+            array[env_ids] = 0
+
+    def get(self, env_ids) -> dict[str, np.ndarray]:
+        return {name: array[env_ids] for name, array in self._arrays.items()}
+
+    def set(self, env_ids, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+        for name, array in self._arrays.items():
+            value = state[name]
+            array[env_ids] = value.numpy() if isinstance(value, torch.Tensor) else value
+
+
+def act_with_state(algo: Algorithm, network: torch.nn.Module, obs: np.ndarray, env_steps: int,
+                   rng: np.random.Generator, states: EnvStates, env_ids: np.ndarray,
+                   starts: np.ndarray, greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A recurrent policy's actions for these envs: their states (zeroed where ``starts``, an
+    episode's first observation) go in, the next ones are kept. Returns the actions and the
+    states the actions were chosen with."""
+    states.reset(env_ids[starts])
+    state = states.get(env_ids)
+    actions, next_state = algo.act(network, torch.from_numpy(obs), env_steps, rng, greedy=greedy,
+                                   state={k: torch.from_numpy(v) for k, v in state.items()})
+    states.set(env_ids, next_state)
+    return actions, state
 
 
 class ActorBase:
@@ -44,11 +78,13 @@ class ActorBase:
         self.adder.observe(ids, step.obs, step.rewards, step.terminated, step.truncated)
 
     async def ingest(self, limiter: RateLimiter, step: Step, actions: np.ndarray,
-                     extras: dict[str, np.ndarray] | None, version: int) -> None:
+                     extras: dict[str, np.ndarray] | None, version: int,
+                     state: dict[str, np.ndarray] | None = None) -> None:
         """A batch acted on elsewhere (a worker process, a remote actor) with the weights of
         ``version``: wait for room under the limiter, take it in, record the actions that were
         sent. ``extras`` (what the policy returned beside the actions) goes to a trajectory
-        adder with the version; None for an n-step adder."""
+        adder with the version; ``state`` (the recurrent state each action was chosen with) to
+        a sequence adder; neither to an n-step adder."""
         t0 = time.perf_counter()
         pending = self.adder.pending(step.env_ids)
         if pending:
@@ -58,6 +94,8 @@ class ActorBase:
         self.weight_version = version
         if extras is not None:
             self.adder.record_actions(step.env_ids, actions, extras, version)
+        elif state is not None:
+            self.adder.record_actions(step.env_ids, actions, state=state)
         else:
             self.adder.record_actions(step.env_ids, actions)
         timer = self.recorder.timer
@@ -77,11 +115,14 @@ class Actor(ActorBase):
         self.env, self.algo, self.rng, self.pull_every = env, algo, rng, pull_every
         self.network = algo.make_acting_network().eval()
         self._batches = 0
+        spec = actor_state_spec(algo)
+        self.states = EnvStates(spec, env.num_envs) if spec else None
 
     def act_batch(self, step: Step) -> np.ndarray:
         """Everything an actor does with one received batch; returns the actions to send."""
         timer = self.recorder.timer
         t0 = time.perf_counter()
+        starts = self._after_end[step.env_ids]  # a copy: observations that begin an episode
         self.observe(step)
         t1 = time.perf_counter()
         if self._batches % self.pull_every == 0:
@@ -90,8 +131,13 @@ class Actor(ActorBase):
                 self.weight_version = version
         self._batches += 1
         with torch.inference_mode():  # ~30% less per-op overhead than no_grad for small nets
-            actions = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
-        self.adder.record_actions(step.env_ids, actions)
+            if self.states is None:
+                actions = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
+                self.adder.record_actions(step.env_ids, actions)
+            else:
+                actions, state = act_with_state(self.algo, self.network, step.obs, self.recorder.env_steps,
+                                                self.rng, self.states, step.env_ids, starts)
+                self.adder.record_actions(step.env_ids, actions, state=state)
         t2 = time.perf_counter()
         timer.add("insert", t1 - t0)
         timer.add("inference", t2 - t1)

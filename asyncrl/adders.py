@@ -53,12 +53,16 @@ class NStepAdder:
         self._replay.insert(
             self._streams[ids], self._prev_obs[ids], self._prev_actions[ids],
             np.asarray(rewards)[has_prev], terminated[has_prev], truncated[has_prev],
-            applied=~self._prev_ended[ids])
+            applied=~self._prev_ended[ids], **self._insert_extras(ids))
         self._prev_obs[env_ids] = obs
         self._prev_ended[env_ids] = terminated | truncated
         self._has_prev[env_ids] = True
         self._has_action[env_ids] = False
         return len(ids)
+
+    def _insert_extras(self, ids: np.ndarray) -> dict:
+        """What a subclass stores beside each step (keyword arguments of ``replay.insert``)."""
+        return {}
 
     def record_actions(self, env_ids, actions) -> None:
         """The actions sent for these envs' latest observations."""

@@ -49,13 +49,15 @@ from rich.text import Text
 
 from asyncrl import registry
 from asyncrl.config import Config, ConfigError, deep_merge, validate
-from asyncrl.core import Algorithm, EnvSpec, TrajectoryBatch, TrajectoryData, TransitionBatch, TransitionData
+from asyncrl.core import (Algorithm, EnvSpec, SequenceBatch, SequenceData, StateSpec, TrajectoryBatch,
+                          TrajectoryData, TransitionBatch, TransitionData, actor_state_spec)
 from asyncrl.envs import make_env
 from asyncrl.learner import pick_device
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
 from asyncrl.rollout import RolloutQueue
+from asyncrl.sequence import SequenceReplay
 from asyncrl.trainer import Components, Trainer, build, placement
 
 # figure name -> (mode it comes from, unit)
@@ -171,7 +173,7 @@ def measure_env_ceiling(config: Config, spec: EnvSpec, seconds: float, warmup_s:
     """Env steps/s of one pool with random actions."""
     e = config.env
     rng = np.random.default_rng(config.train.seed)
-    with make_env(e.id, e.num_envs, e.batch_size, config.train.seed, e.kwargs) as env:
+    with make_env(e.id, e.num_envs, e.batch_size, config.train.seed, e.kwargs, obs_indices=e.obs_indices) as env:
         after_end = np.ones(env.num_envs, bool)  # counted like ActorBase.observe counts
         steps = 0
 
@@ -217,7 +219,7 @@ def measure_learning_ceiling(config: Config, spec: EnvSpec, seconds: float, warm
     device = pick_device(config.learner.device)
     algo = make_algo(config, spec, device)
     batch = synthetic_batch(spec, algo.data, _batch_size(config, algo.data), device,
-                            np.random.default_rng(config.train.seed))
+                            np.random.default_rng(config.train.seed), actor_state_spec(algo))
     updates = 0
 
     def step() -> None:
@@ -298,8 +300,9 @@ def make_algo(config: Config, spec: EnvSpec, device: torch.device) -> Algorithm:
 
 
 def synthetic_batch(spec: EnvSpec, data: Any, batch_size: int, device: torch.device,
-                    rng: np.random.Generator) -> TransitionBatch:
-    """A batch of the kind ``data`` asks for, with random valid contents, on ``device``."""
+                    rng: np.random.Generator, state_spec: StateSpec | None = None) -> Any:
+    """A batch of the kind ``data`` asks for, with random valid contents, on ``device``
+    (``state_spec``: the actor state a sequence starts from, zeros)."""
     if isinstance(data, TransitionData):
         terminal = rng.random(batch_size) < 0.01
         fields = {
@@ -315,6 +318,15 @@ def synthetic_batch(spec: EnvSpec, data: Any, batch_size: int, device: torch.dev
         fields, extras = synthetic_trajectories(spec, data, batch_size, rng)
         return TrajectoryBatch(**{k: torch.from_numpy(v).to(device) for k, v in fields.items()},
                                extras={k: torch.from_numpy(v).to(device) for k, v in extras.items()})
+    if isinstance(data, SequenceData):
+        fields, _ = synthetic_trajectories(spec, TrajectoryData(data.length, {}), batch_size, rng)
+        fields["obs"] = fields["obs"][:-1]
+        move = {k: torch.from_numpy(fields[k]).to(device) for k in
+                ("obs", "actions", "rewards", "terminated", "truncated", "applied")}
+        return SequenceBatch(**move, valid=torch.ones_like(move["applied"]),
+                             state={name: torch.from_numpy(np.zeros((batch_size, *shape), dtype)).to(device)
+                                    for name, (shape, dtype) in (state_spec or {}).items()},
+                             weights=torch.ones(batch_size, device=device))
     raise NotImplementedError(f"bench has no synthetic batch for {type(data).__name__} yet")
 
 
@@ -384,11 +396,12 @@ async def _measure_trajectory_learner(c: Components, seconds: float, warmup_s: f
     return rate
 
 
-def fill_replay(replay: Replay, spec: EnvSpec, steps: int, rng: np.random.Generator) -> None:
+def fill_replay(replay: Replay | SequenceReplay, spec: EnvSpec, steps: int, rng: np.random.Generator) -> None:
     """About ``steps`` random steps through ``replay.insert``, one per stream per call, with a
     rare episode end (and its reset step, not applied) as an actor would insert them."""
     n = replay.num_streams
-    per_stream = min(replay.stream_capacity, max(-(-steps // n), replay.n_step + 2))
+    shortest = replay.length + 2 if isinstance(replay, SequenceReplay) else replay.n_step + 2
+    per_stream = min(replay.stream_capacity, max(-(-steps // n), shortest))
     streams = np.arange(n)
     # A few distinct observation blocks, reused: random Atari frames are slow to make.
     blocks = [random_obs(spec, n, rng) for _ in range(min(per_stream, 8))]
@@ -473,7 +486,7 @@ def _act_serial(c: Components, seconds: float, warmup_s: float) -> float:
 
 def _probe_spec(config: Config) -> EnvSpec:
     e = config.env
-    with make_env(e.id, 1, None, config.train.seed, e.kwargs) as probe:
+    with make_env(e.id, 1, None, config.train.seed, e.kwargs, obs_indices=e.obs_indices) as probe:
         return probe.spec
 
 

@@ -187,7 +187,8 @@ def _eval(args: argparse.Namespace) -> int:
     policy = load_policy(args.run_dir, args.checkpoint)
     config = validate(read_file(Path(args.run_dir) / "config.json"))
     e = config.env
-    with make_env(e.id, args.episodes, None, args.seed, {**e.kwargs, **e.eval_kwargs}) as env:
+    with make_env(e.id, args.episodes, None, args.seed, {**e.kwargs, **e.eval_kwargs},
+                  obs_indices=e.obs_indices) as env:
         returns = np.array(evaluate(env, policy.algo, policy.network, np.random.default_rng(args.seed)))
     print(json.dumps({"run_dir": args.run_dir, "env_steps": policy.env_steps, "episodes": len(returns),
                       "return_mean": float(returns.mean()), "return_std": float(returns.std()),

@@ -36,6 +36,10 @@ class EnvConfig(_Section):
     eval_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of kwargs for evaluation envs (e.g. raw rewards, no life loss).")
+    obs_indices: list[int] | None = Field(
+        None,
+        description="Keep only these entries of a vector observation (e.g. [0, 2]: CartPole's cart "
+        "position and pole angle, without velocities). None: the whole observation.")
     max_errors_in_a_row: int = Field(
         3, ge=0,
         description="Gymnasium envs (not EnvPool's): a step or reset that raises resets that env and "

@@ -1,9 +1,10 @@
 """The contracts between the engine and the algorithms: interfaces only.
 
 An algorithm (in ``algos/``) builds its networks from an :class:`EnvSpec`, names the data it needs
-(:class:`TransitionData` off-policy, :class:`TrajectoryData` on-policy), selects actions with
-:meth:`Algorithm.act` and learns from a :class:`TransitionBatch` or :class:`TrajectoryBatch` in
-:meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
+(:class:`TransitionData` off-policy, :class:`TrajectoryData` on-policy, :class:`SequenceData`
+for recurrent off-policy learners), selects actions with
+:meth:`Algorithm.act` and learns from a :class:`TransitionBatch`, :class:`TrajectoryBatch` or
+:class:`SequenceBatch` in :meth:`Algorithm.update`. It knows nothing of asyncio, EnvPool or the
 replay: the engine owns those and hands it tensors.
 """
 
@@ -101,6 +102,48 @@ class TrajectoryBatch:
     weight_version: torch.Tensor  # [B] int64: the weights that chose each trajectory's first action
 
 
+@dataclass(frozen=True)
+class SequenceData:
+    """Off-policy data as fixed-length sequences (recurrent learners such as R2D2).
+
+    Each env's steps are stored once, in order; a sequence is a window of ``length`` consecutive
+    steps of one episode, and one starts every ``period`` steps from each episode's first step, so
+    consecutive sequences overlap by ``length - period`` steps. The actor state (see
+    :attr:`Algorithm.actor_state`) at a sequence's first step comes with it. Sequences are sampled
+    by priority (or uniformly) and never cross an episode end: the rows after it are zeros.
+    """
+
+    length: int
+    period: int
+
+
+@dataclass
+class SequenceBatch:
+    """Sampled sequences as tensors on the learner's device, time first: ``[T, B, ...]``.
+
+    Row t holds ``obs[t]``, the ``actions[t]`` chosen there and what the env returned for it
+    (``rewards[t]``, ``terminated[t]``, ``truncated[t]``). ``applied[t]`` is True where row t is
+    a decision of the episode; False at the episode's final observation (which is still there, to
+    bootstrap from after a truncation) and on the zero padding after it. ``valid[t]`` is True where
+    ``obs[t]`` belongs to the episode (its decisions and its final observation). ``state`` is the
+    actor state the acting network had at row 0, as :attr:`Algorithm.actor_state` declares it.
+    """
+
+    obs: torch.Tensor  # [T, B, *obs_shape]
+    actions: torch.Tensor  # [T, B, *action_shape]
+    rewards: torch.Tensor  # [T, B] float32
+    terminated: torch.Tensor  # [T, B] bool
+    truncated: torch.Tensor  # [T, B] bool
+    applied: torch.Tensor  # [T, B] bool
+    valid: torch.Tensor  # [T, B] bool
+    state: dict[str, torch.Tensor]  # [B, *shape] each
+    weights: torch.Tensor  # [B] importance weights (all ones for uniform replay)
+
+
+# Per-env actor state an algorithm declares (name -> (shape, dtype)), e.g. an LSTM's h and c.
+StateSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
 # Scalars; 0-dim tensors are welcome (the engine converts them only when it logs, sparing a
 # device sync per update).
 Metrics = dict[str, "float | torch.Tensor"]
@@ -117,7 +160,7 @@ class Algorithm(Protocol):
     def __init__(self, spec: EnvSpec, config: BaseModel, device: torch.device) -> None: ...
 
     @property
-    def data(self) -> TransitionData | TrajectoryData: ...
+    def data(self) -> TransitionData | TrajectoryData | SequenceData: ...
 
     @property
     def acting_network(self) -> torch.nn.Module:
@@ -138,10 +181,16 @@ class Algorithm(Protocol):
     ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
         """Actions for a batch of observations, with exploration unless ``greedy``.
         ``env_steps`` drives exploration schedules; ``rng`` is the actor's own generator.
-        An algorithm whose :class:`TrajectoryData` declares extras returns ``(actions, extras)``."""
+        An algorithm whose :class:`TrajectoryData` declares extras returns ``(actions, extras)``.
+
+        A recurrent algorithm declares ``actor_state`` (a :data:`StateSpec`, see
+        :func:`actor_state_spec`); its ``act`` then takes ``state=`` (each env's state, a dict of
+        ``[B, *shape]`` tensors) and returns ``(actions, next_state)``. The engine keeps each
+        env's state, carries it from step to step and zeroes it at every episode's start."""
         ...
 
-    def update(self, batch: TransitionBatch | TrajectoryBatch) -> tuple[Metrics, torch.Tensor | None]:
+    def update(self, batch: TransitionBatch | TrajectoryBatch | SequenceBatch
+               ) -> tuple[Metrics, torch.Tensor | None]:
         """One update (off-policy: one gradient step; on-policy: all of a batch's epochs).
         Returns metrics (keys without prefix, e.g. ``td_loss``) and the new priorities of the
         batch's items, or None when the algorithm does not use priorities."""
@@ -152,6 +201,11 @@ class Algorithm(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def actor_state_spec(algo: Algorithm) -> StateSpec:
+    """The per-env state an algorithm's actors carry; empty for a feed-forward policy."""
+    return dict(getattr(algo, "actor_state", None) or {})
 
 
 def split_actions(out: np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]

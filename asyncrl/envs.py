@@ -13,6 +13,7 @@ running while EnvPool's C++ threads step (its ``recv`` releases the GIL while it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import logging
 import warnings
@@ -305,13 +306,28 @@ def make_env(
     kwargs: dict[str, Any] | None = None,
     env_fn: Callable[[], gymnasium.Env] | None = None,
     max_errors_in_a_row: int = 3,
+    obs_indices: list[int] | None = None,
 ) -> VecEnv:
     """``num_envs`` copies of ``env_id``: from ``env_fn`` if given, else EnvPool, else Gymnasium.
 
     ``batch_size`` below ``num_envs`` is EnvPool's async mode: each ``recv`` returns whichever
     ``batch_size`` envs are ready. ``kwargs`` go to ``envpool.make`` or ``gymnasium.make``.
     ``max_errors_in_a_row``: Gymnasium envs only (see ``_GymnasiumVecEnv``).
+    ``obs_indices``: keep only these entries of a vector observation (e.g. CartPole's positions
+    without its velocities, to make a partially observed task).
     """
+    env = _make_env(env_id, num_envs, batch_size, seed, kwargs, env_fn, max_errors_in_a_row)
+    if obs_indices is None:
+        return env
+    try:
+        return _SelectObs(env, obs_indices)
+    except EnvError:
+        env.close()
+        raise
+
+
+def _make_env(env_id: str, num_envs: int, batch_size: int | None, seed: int, kwargs: dict[str, Any] | None,
+              env_fn: Callable[[], gymnasium.Env] | None, max_errors_in_a_row: int) -> VecEnv:
     kwargs = dict(kwargs or {})
     if num_envs < 1:
         raise EnvError(f"num_envs must be at least 1, got {num_envs}")
@@ -336,6 +352,42 @@ def make_env(
         return _make_gymnasium(env_id, num_envs, batch_size, seed, make_one, max_errors_in_a_row)
     hint = _did_you_mean(env_id, list_env_ids(), otherwise="; see asyncrl.envs.list_env_ids()")
     raise EnvError(f"unknown env id {env_id!r}{hint}")
+
+
+class _SelectObs(VecEnv):
+    """Another VecEnv whose vector observations keep only the entries at ``indices``."""
+
+    def __init__(self, env: VecEnv, indices: list[int]) -> None:
+        shape = env.spec.obs_shape
+        if len(shape) != 1:
+            raise EnvError(f"env.obs_indices selects entries of a vector observation; "
+                           f"{env.spec.env_id} observes shape {shape}")
+        if not indices or any(not -shape[0] <= i < shape[0] for i in indices):
+            raise EnvError(f"env.obs_indices {indices} must be a non-empty list of indices into "
+                           f"{env.spec.env_id}'s {shape[0]} observation entries")
+        spec = dataclasses.replace(env.spec, obs_shape=(len(indices),))
+        super().__init__(spec, env.num_envs, env.batch_size)
+        self._env, self._indices = env, np.asarray(indices, np.int64)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped env's counters (errors, ...)
+        env = self.__dict__.get("_env")
+        if env is None:
+            raise AttributeError(name)
+        return getattr(env, name)
+
+    def _reset(self) -> None:
+        self._env._reset()
+
+    def _send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
+        self._env._send(actions, env_ids)
+
+    def _recv(self) -> Step:
+        step = self._env._recv()
+        step.obs = np.ascontiguousarray(step.obs[:, self._indices])
+        return step
+
+    def _close(self) -> None:
+        self._env.close()
 
 
 def _did_you_mean(name: str, known: list[str], otherwise: str = "") -> str:

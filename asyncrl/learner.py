@@ -11,14 +11,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from asyncrl.core import Algorithm, TransitionBatch
+from asyncrl.core import Algorithm, SequenceBatch, TransitionBatch
 from asyncrl.faults import NonFiniteGuard
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.replay import Replay
+from asyncrl.sequence import SequenceReplay
 from asyncrl.weights import WeightStore
 
 _FIELDS = ("obs", "actions", "rewards", "discounts", "next_obs", "weights")
+_SEQUENCE_FIELDS = ("obs", "actions", "rewards", "terminated", "truncated", "applied", "valid")
 # Longest a chunk of updates may hold the event loop's thread (process actors): the loop's other
 # tasks, and a host application's, wait meanwhile.
 _LOOP_SLICE_S = 0.008
@@ -44,7 +46,7 @@ def pick_device(name: str) -> torch.device:
 
 
 class Learner:
-    def __init__(self, algo: Algorithm, replay: Replay, limiter: RateLimiter, store: WeightStore,
+    def __init__(self, algo: Algorithm, replay: Replay | SequenceReplay, limiter: RateLimiter, store: WeightStore,
                  recorder: Recorder, device: torch.device, batch_size: int, publish_every: int,
                  max_updates_per_call: int, importance_exponent: Callable[[], float],
                  max_nonfinite_in_a_row: int = 50):
@@ -58,26 +60,37 @@ class Learner:
         self._executor: ThreadPoolExecutor | None = None
         self._seconds_per_update = 0.0  # of the last chunk
 
-    def sample(self, count: int = 1) -> list[tuple[TransitionBatch, np.ndarray]]:
+    def sample(self, count: int = 1) -> list[tuple[TransitionBatch | SequenceBatch, np.ndarray]]:
         """``count`` batches and their replay keys, drawn in one replay call and moved to the
         device in one copy per field: the fixed cost of a draw, paid once per chunk."""
         timer = self.recorder.timer
         t0 = time.perf_counter()
         data = self.replay.sample(self.batch_size, self.importance_exponent(), batches=count)
         t1 = time.perf_counter()
-        fields = {}
-        for name in _FIELDS:
-            tensor = torch.from_numpy(data[name])
+
+        def split(array: np.ndarray) -> tuple[torch.Tensor, ...]:
+            tensor = torch.from_numpy(array)
             if self._pin:
                 tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             elif tensor.device != self.device:
                 tensor = tensor.to(self.device)
-            fields[name] = tensor.view(count, self.batch_size, *tensor.shape[1:]).unbind(0)
-        keys = data["keys"].reshape(count, self.batch_size)  # rows: np.split costs ~50 us more
+            return tensor.view(count, self.batch_size, *tensor.shape[1:]).unbind(0)
+
+        keys = data["keys"].reshape(count, -1)  # rows: np.split costs ~50 us more
+        if isinstance(self.replay, SequenceReplay):  # sampled batch first, handed over time first
+            fields = {name: [t.transpose(0, 1) for t in split(data[name])] for name in _SEQUENCE_FIELDS}
+            states = {name: split(array) for name, array in data["state"].items()}
+            weights = split(data["weights"])
+            batches: list = [SequenceBatch(**{name: fields[name][i] for name in _SEQUENCE_FIELDS},
+                                           state={name: s[i] for name, s in states.items()},
+                                           weights=weights[i]) for i in range(count)]
+        else:
+            fields = {name: split(data[name]) for name in _FIELDS}
+            batches = [TransitionBatch(**{name: fields[name][i] for name in _FIELDS})
+                       for i in range(count)]
         timer.add("sample", t1 - t0)
         timer.add("h2d", time.perf_counter() - t1)
-        return [(TransitionBatch(**{name: fields[name][i] for name in _FIELDS}), keys[i])
-                for i in range(count)]
+        return list(zip(batches, keys))
 
     def _update(self, batches: list[TransitionBatch]) -> list[np.ndarray | None] | None:
         """Runs on the learner thread (or inline in serial mode). None: the chunk was non-finite

@@ -15,7 +15,8 @@ from asyncrl import checkpoint as ckpt
 from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
 from asyncrl.config import Config, ConfigError, read_file, validate
-from asyncrl.core import Algorithm, EnvSpec
+from asyncrl.actor import EnvStates, act_with_state
+from asyncrl.core import Algorithm, EnvSpec, actor_state_spec
 
 if TYPE_CHECKING:
     from asyncrl.trainer import Trainer
@@ -56,6 +57,8 @@ class Policy:
         self.env_steps = env_steps  # env steps of the checkpoint it was loaded from (loaded policies)
         self._rng = np.random.default_rng(0)  # greedy acting draws nothing; the protocol wants one
         self._lock = threading.Lock()
+        self._states: EnvStates | None = None  # recurrent policies only
+        self._batch = 0
 
     def __call__(self, obs: Any) -> np.ndarray:
         obs = np.asarray(obs, dtype=self.spec.obs_dtype)
@@ -66,9 +69,23 @@ class Policy:
         batch = torch.from_numpy(obs[None] if single else obs)
         with self._lock:
             self._refresh()
+            spec = actor_state_spec(self.algo)
             with torch.inference_mode():
-                actions = self.algo.act(self.network, batch, 0, self._rng, greedy=True)
+                if spec:  # a recurrent policy: one state per row, carried from call to call
+                    if self._states is None or self._batch != len(batch):
+                        self._states, self._batch = EnvStates(spec, len(batch)), len(batch)
+                    rows = np.arange(len(batch))  # a fresh state is zeros already: no row restarts
+                    actions, _ = act_with_state(self.algo, self.network, batch.numpy(), 0, self._rng,
+                                                self._states, rows, np.zeros(len(batch), bool), greedy=True)
+                else:
+                    actions = self.algo.act(self.network, batch, 0, self._rng, greedy=True)
         return actions[0] if single else actions
+
+    def reset(self) -> None:
+        """A recurrent policy forgets its state: call it when a new episode begins (a call with
+        another batch size starts afresh too). Feed-forward policies hold no state."""
+        with self._lock:
+            self._states = None
 
     def _refresh(self) -> None:
         """Loaded policies never change."""
@@ -143,5 +160,6 @@ def load_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> Po
 def _probe_spec(config: Config) -> EnvSpec:
     from asyncrl.envs import make_env
 
-    with make_env(config.env.id, 1, None, config.train.seed, config.env.kwargs) as env:
+    with make_env(config.env.id, 1, None, config.train.seed, config.env.kwargs,
+                  obs_indices=config.env.obs_indices) as env:
         return env.spec

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from asyncrl.actor import ActorBase
+from asyncrl.actor import ActorBase, EnvStates, act_with_state
 from asyncrl.adders import NStepAdder
-from asyncrl.core import EnvSpec, split_actions
+from asyncrl.core import EnvSpec, StateSpec, actor_state_spec, split_actions
 from asyncrl.envs import Step
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
@@ -48,7 +48,8 @@ class _Slabs:
     """``slots`` batches of one actor, in shared memory."""
 
     def __init__(self, slots: int, batch: int, spec: EnvSpec,
-                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None):
+                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+                 state_spec: StateSpec | None = None):
         self.obs = _shared((slots, batch, *spec.obs_shape), spec.obs_dtype)
         self.rewards = _shared((slots, batch), np.dtype(np.float32))
         self.terminated = _shared((slots, batch), np.dtype(bool))
@@ -58,6 +59,8 @@ class _Slabs:
         self.sizes = _shared((slots,), np.dtype(np.int64))
         for name, (shape, dtype) in (extras or {}).items():  # what act() returns beside actions
             setattr(self, f"extra_{name}", _shared((slots, batch, *shape), np.dtype(dtype)))
+        for name, (shape, dtype) in (state_spec or {}).items():  # the actor state each action saw
+            setattr(self, f"state_{name}", _shared((slots, batch, *shape), np.dtype(dtype)))
 
     def views(self) -> dict[str, np.ndarray]:
         return {name: tensor.numpy() for name, tensor in vars(self).items()}
@@ -76,6 +79,9 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
         cls = registry.get(algo_name)
         algo = cls(env.spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
         network = algo.make_acting_network().eval()
+        state_spec = actor_state_spec(algo)
+        states = EnvStates(state_spec, env.num_envs) if state_spec else None
+        after_end = np.ones(env.num_envs, bool)  # an env's next observation begins an episode
         rng = np.random.default_rng([seed, index])
         views, ctl = slabs.views(), control.numpy()
         free = list(range(len(views["sizes"])))
@@ -97,9 +103,16 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
             if batches % pull_every == 0:
                 version = store.pull(network, version) or version
             batches += 1
+            state: dict[str, np.ndarray] = {}
             with torch.inference_mode():  # ~30% less per-op overhead than no_grad for small nets
-                actions, extras = split_actions(
-                    algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng))
+                if states is None:
+                    actions, extras = split_actions(
+                        algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng))
+                else:
+                    actions, state = act_with_state(algo, network, step.obs, int(ctl[_ENV_STEPS]), rng,
+                                                    states, step.env_ids, after_end[step.env_ids])
+                    extras = {}
+                    after_end[step.env_ids] = step.terminated | step.truncated
             env.send(actions, step.env_ids)  # the envs step while the slot is written
             t3 = time.perf_counter()
             slot, n = free.pop(), len(step.env_ids)
@@ -111,6 +124,8 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
             views["actions"][slot, :n] = actions
             for name, value in extras.items():
                 views[f"extra_{name}"][slot, :n] = value
+            for name, value in state.items():
+                views[f"state_{name}"][slot, :n] = value
             views["sizes"][slot] = n
             conn.send_bytes(_READY.pack(slot, version, t1 - t0, t3 - t2, t2 - t1))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the loop stops us
@@ -125,13 +140,15 @@ class ProcessActor(ActorBase):
     def __init__(self, index: int, spec: EnvSpec, make_env_args: dict[str, Any], algo_name: str,
                  algo_params: dict[str, Any], store: WeightStore, adder: NStepAdder,
                  recorder: Recorder, seed: int, pull_every: int, slots: int = 4,
-                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None):
+                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+                 state_spec: StateSpec | None = None):
         num_envs = make_env_args["num_envs"]
         super().__init__(num_envs, store, adder, recorder)
         self.index = index
         batch = make_env_args.get("batch_size") or num_envs
         self._extras = list(extras or {})
-        self._slabs = _Slabs(slots, batch, spec, extras)
+        self._states = list(state_spec or {})
+        self._slabs = _Slabs(slots, batch, spec, extras, state_spec)
         self._views = self._slabs.views()
         self._control = _shared((2,), np.dtype(np.int64))
         self._conn, child_conn = mp.Pipe()
@@ -174,7 +191,8 @@ class ProcessActor(ActorBase):
                 step = Step(v["obs"][slot, :n], v["rewards"][slot, :n], v["terminated"][slot, :n],
                             v["truncated"][slot, :n], v["env_ids"][slot, :n])
                 extras = {k: v[f"extra_{k}"][slot, :n] for k in self._extras} if self._extras else None
-                await self.ingest(limiter, step, v["actions"][slot, :n], extras, version)
+                state = {k: v[f"state_{k}"][slot, :n] for k in self._states} if self._states else None
+                await self.ingest(limiter, step, v["actions"][slot, :n], extras, version, state)
                 self._conn.send_bytes(struct.pack("<i", slot))
                 self._control[_ENV_STEPS] = self.recorder.env_steps
                 timer.add("actor_env_wait", env_wait)

@@ -22,7 +22,7 @@ from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError
-from asyncrl.core import Algorithm, EnvSpec, TrajectoryData
+from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, actor_state_spec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
 from asyncrl.faults import RunError
@@ -32,6 +32,7 @@ from asyncrl.policy import LivePolicy, Policy, spec_to_dict
 from asyncrl.process_actor import ProcessActor
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
+from asyncrl.sequence import SequenceAdder, SequenceReplay
 from asyncrl.stream import MetricStream
 from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, TrajectoryLearner
 from asyncrl.weights import WeightStore
@@ -44,7 +45,7 @@ class Components:
     config: Config
     spec: EnvSpec
     algo: Algorithm
-    replay: Replay | RolloutQueue  # on-policy: the rollout queue is both the store and the limiter
+    replay: Replay | SequenceReplay | RolloutQueue  # on-policy: the rollout queue is both the store and the limiter
     limiter: RateLimiter | RolloutQueue
     store: WeightStore
     recorder: Recorder
@@ -82,20 +83,24 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         raise ConfigError(f"invalid config: learner.device: {exc}") from None
     where = placement(config, device, env_fn)
     env_args = [dict(env_id=e.id, num_envs=e.num_envs, batch_size=e.batch_size, seed=seed + i * e.num_envs,
-                     kwargs=e.kwargs, max_errors_in_a_row=e.max_errors_in_a_row) for i in range(n)]
+                     kwargs=e.kwargs, max_errors_in_a_row=e.max_errors_in_a_row, obs_indices=e.obs_indices) for i in range(n)]
     envs: list[VecEnv] = []
     try:
         if where == "inline":
             envs = [make_env(**args, env_fn=env_fn) for args in env_args]
             spec = envs[0].spec
         else:  # the workers make their own envs; one small env tells the spec (and checks the id)
-            with make_env(e.id, 1, None, seed, e.kwargs) as probe:
+            with make_env(e.id, 1, None, seed, e.kwargs, obs_indices=e.obs_indices) as probe:
                 spec = probe.spec
         torch.manual_seed(seed)
         try:
             algo = algo_cls(spec, algo_config, device)
         except ValueError as exc:  # the algorithm refuses this env (e.g. continuous actions)
             raise ConfigError(f"{config.algo.name} cannot train on {e.id}: {exc}") from None
+        state_spec = actor_state_spec(algo)
+        if state_spec and where == "ray":
+            raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which remote "
+                              f"actors do not carry yet: use actors.backend = 'local'")
     except BaseException:
         for env in envs:
             env.close()
@@ -110,15 +115,28 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
                 env.close()
             raise
     # actors -> adders -> replay (under the limiter) -> learner -> weight store -> actors
-    replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                    spec.action_dtype, data.n_step, data.gamma,
-                    priority_exponent=r.priority_exponent if r.prioritized else 0.0, seed=seed)
+    alpha = r.priority_exponent if r.prioritized else 0.0
+    if isinstance(data, SequenceData):
+        try:
+            replay: Replay | SequenceReplay = SequenceReplay(
+                r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                spec.action_dtype, data.length, data.period, state_spec, priority_exponent=alpha, seed=seed)
+        except ValueError as exc:
+            for env in envs:
+                env.close()
+            raise ConfigError(f"invalid config: replay: {exc}") from None
+    else:
+        replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                        spec.action_dtype, data.n_step, data.gamma, priority_exponent=alpha, seed=seed)
     limiter = RateLimiter(r.samples_per_insert, r.min_size_to_sample, config.error_buffer,
                           config.learner.batch_size)
     store = WeightStore.for_module(algo.acting_network)
     store.publish(algo.acting_network)
 
     def adder(i: int) -> NStepAdder:
+        if isinstance(replay, SequenceReplay):
+            return SequenceAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
+                                 spec.action_shape, spec.action_dtype, state_spec)
         return NStepAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
                           spec.action_shape, spec.action_dtype)
 
@@ -133,7 +151,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         try:
             for i in range(n):
                 actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params,
-                                           store, adder(i), recorder, seed, config.actors.pull_every))
+                                           store, adder(i), recorder, seed, config.actors.pull_every,
+                                           state_spec=state_spec))
         except BaseException:
             for actor in actors:
                 actor.close()
@@ -176,6 +195,9 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     """The on-policy half of :func:`build`: actors -> trajectory adders -> FIFO rollout queue ->
     learner -> weight store -> actors."""
     e, n, streams = config.env, config.actors.num_actors, config.num_streams
+    if actor_state_spec(algo):
+        raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which trajectory "
+                          "data does not store yet (sequence data does)")
     if data.wait_for_learner:
         # Acting pauses after each trajectory until the learner has trained on every env's one:
         # one update per rollout, published at once, with the envs stepping in lock-step.
@@ -465,7 +487,7 @@ class Trainer:
         if self._eval_env is None:
             kwargs = {**e.kwargs, **e.eval_kwargs}
             self._eval_env = make_env(e.id, t.eval_episodes, None, t.seed + 1_000_003, kwargs, self._env_fn,
-                                      e.max_errors_in_a_row)
+                                      e.max_errors_in_a_row, e.obs_indices)
             self._eval_rng = np.random.default_rng([t.seed, 1_000_003])
         return evaluate(self._eval_env, self.c.algo, network, self._eval_rng)
 

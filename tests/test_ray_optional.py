@@ -79,3 +79,11 @@ def test_ppo_refuses_remote_actors(tmp_path):
     cfg = build_config(PPO.preset, overrides=["actors.backend='ray'", "train.total_env_steps=1000"])
     with pytest.raises(ConfigError, match="actors.backend = 'local'"):
         asyncio.run(Trainer(cfg, run_dir=tmp_path).run())
+
+
+def test_a_recurrent_algorithm_refuses_remote_actors(tmp_path):
+    from algos.r2d2 import R2D2
+
+    cfg = build_config(R2D2.preset, overrides=["actors.backend='ray'", "train.total_env_steps=1000"])
+    with pytest.raises(ConfigError, match="recurrent actor state.*actors.backend = 'local'"):
+        asyncio.run(Trainer(cfg, run_dir=tmp_path).run())
