@@ -51,12 +51,9 @@ def mlp(in_features: int, hidden: list[int]) -> nn.Sequential:
 class NoisyLinear(nn.Module):
     """A linear layer with learned factorised Gaussian noise on its weights and biases (Fortunato
     et al., "Noisy Networks for Exploration"): ``w = mu_w + sigma_w * f(eps_out) f(eps_in)^T`` and
-    ``b = mu_b + sigma_b * f(eps_out)`` with ``f(x) = sign(x) sqrt(|x|)``.
-
-    Each row of a batch draws its own noise. Factorised noise makes that as cheap as one shared
-    draw: the noisy part is ``f(eps_out) * (sigma_w (x * f(eps_in)) + sigma_b)``, one more matmul,
-    and never a per-row weight matrix. ``noisy=False`` uses the mean weights (greedy evaluation).
-    """
+    ``b = mu_b + sigma_b * f(eps_out)`` with ``f(x) = sign(x) sqrt(|x|)``, one draw per call (the
+    whole batch shares it, as in the paper; per-row draws cost more than the layer itself).
+    ``noisy=False`` uses the mean weights (greedy evaluation)."""
 
     def __init__(self, in_features: int, out_features: int, sigma0: float = 0.5):
         super().__init__()
@@ -70,18 +67,15 @@ class NoisyLinear(nn.Module):
     def forward(self, x: torch.Tensor, noisy: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """``generator``: where the noise comes from (torch's global one when None)."""
-        mean = nn.functional.linear(x, self.weight_mu, self.bias_mu)
         if not noisy:
-            return mean
-        noise_in = _scaled_noise((*x.shape[:-1], self.in_features), x, generator)
-        noise_out = _scaled_noise((*x.shape[:-1], self.out_features), x, generator)
-        return mean + noise_out * nn.functional.linear(x * noise_in, self.weight_sigma, self.bias_sigma)
-
-
-def _scaled_noise(shape: tuple[int, ...], like: torch.Tensor,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    noise = torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
-    return noise.sign() * noise.abs().sqrt()
+            return nn.functional.linear(x, self.weight_mu, self.bias_mu)
+        noise = torch.randn(self.in_features + self.out_features, dtype=x.dtype, device=x.device,
+                            generator=generator)
+        noise = noise.sign() * noise.abs().sqrt()
+        noise_in, noise_out = noise[: self.in_features], noise[self.in_features:]
+        weight = torch.addcmul(self.weight_mu, self.weight_sigma, torch.outer(noise_out, noise_in))
+        bias = torch.addcmul(self.bias_mu, self.bias_sigma, noise_out)
+        return nn.functional.linear(x, weight, bias)
 
 
 class EnsembleMLP(nn.Module):

@@ -79,8 +79,8 @@ class DistributionalQNetwork(nn.Module):
 
     def forward(self, obs: torch.Tensor, noisy: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """``noisy``: sample the noisy layers' weights (one draw per row, from ``generator``);
-        otherwise use their means."""
+        """``noisy``: sample the noisy layers' weights (one draw for the batch, from
+        ``generator``); otherwise use their means."""
         features = self.torso(obs if self.pixels else obs.float().flatten(1))
         logits = self.advantage(features, noisy, generator).view(-1, self.num_actions, self.num_atoms)
         if self.value is not None:
@@ -123,7 +123,7 @@ def distributional_loss(batch: TransitionBatch, online: DistributionalQNetwork,
     (importance-weighted), its metrics, and each item's KL divergence as its new priority (the
     cross-entropy less the target's entropy: same gradient, 0 when the fit is exact)."""
     rows = torch.arange(len(batch.actions), device=batch.actions.device)
-    # Online noise is drawn per row, so obs and next_obs in one pass are still independent draws.
+    # One pass for obs and next_obs: fewer calls, and one noise draw as for a single batch.
     both = online(torch.cat([batch.obs, batch.next_obs]), noisy=True)
     log_probs = both[: len(rows)][rows, batch.actions.long()]
     with torch.no_grad():
@@ -150,7 +150,7 @@ class Rainbow:
     # reaches 475 (the env's reward threshold), within 100k env steps. CartPole pays 1 a step, so
     # returns lie in [0, 1 / (1 - gamma)] = [0, 100].
     preset: ClassVar[dict[str, Any]] = {
-        "algo": {"name": "rainbow", "lr": 1e-3, "adam_eps": 1e-5, "v_min": 0.0, "v_max": 100.0},
+        "algo": {"name": "rainbow", "lr": 2.5e-3, "adam_eps": 1e-5, "v_min": 0.0, "v_max": 100.0},
         "env": {"id": "CartPole-v1", "num_envs": 8},
         "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 16.0,
                    "prioritized": True, "priority_exponent": 0.5, "importance_exponent": 0.4},
@@ -185,8 +185,8 @@ class Rainbow:
     @torch.no_grad()
     def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int,
             rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
-        """Greedy on the mean Q. Acting, noisy weights (one draw per env, seeded from the actor's
-        ``rng`` so that actors draw apart and a serial run repeats) do the exploring; ``greedy``
+        """Greedy on the mean Q. Acting, noisy weights (a draw per acting batch, seeded from the
+        actor's ``rng`` so that actors draw apart and a serial run repeats) explore; ``greedy``
         (evaluation) uses the mean weights. No schedule: ``env_steps`` is not needed."""
         if greedy:
             log_probs = network(obs)
