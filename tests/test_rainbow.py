@@ -269,8 +269,8 @@ def test_process_actors_train_then_resume(tmp_path):
 def test_pong_config_starts_and_trains(tmp_path):
     cfg = build_config(file="configs/rainbow_pong.toml", overrides=[
         "env.num_envs=4", "env.batch_size=2", "replay.capacity=2000", "replay.min_size_to_sample=200",
-        "replay.samples_per_insert=32", "train.total_env_steps=600", "train.eval_every=100000",
-        "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=200", "train.log_every=200",
+        "replay.samples_per_insert=4", "train.total_env_steps=600", "train.eval_every=100000",
+        "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100", "train.log_every=200",
         "train.tensorboard=false"])
     assert cfg.algo.name == "rainbow" and cfg.algo.params["v_max"] == 10.0
     result = run(Trainer(cfg, run_dir=tmp_path), timeout=240)
