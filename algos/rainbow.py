@@ -123,12 +123,10 @@ def distributional_loss(batch: TransitionBatch, online: DistributionalQNetwork,
     (importance-weighted), its metrics, and each item's KL divergence as its new priority (the
     cross-entropy less the target's entropy: same gradient, 0 when the fit is exact)."""
     rows = torch.arange(len(batch.actions), device=batch.actions.device)
-    # One pass for obs and next_obs: fewer calls, and one noise draw as for a single batch.
-    both = online(torch.cat([batch.obs, batch.next_obs]), noisy=True)
-    log_probs = both[: len(rows)][rows, batch.actions.long()]
+    log_probs = online(batch.obs, noisy=True)[rows, batch.actions.long()]
     with torch.no_grad():
         next_target = target(batch.next_obs, noisy=True)
-        chooser = both[len(rows):] if double else next_target
+        chooser = online(batch.next_obs, noisy=True) if double else next_target
         next_action = online.q_values(chooser).argmax(dim=1)
         projected = project_distribution(next_target[rows, next_action].exp(), batch.rewards,
                                          batch.discounts, online.support)
