@@ -105,7 +105,7 @@ def project_distribution(probs: torch.Tensor, rewards: torch.Tensor, discounts: 
     batch, atoms = probs.shape
     spacing = support[1] - support[0]
     shifted = (rewards.unsqueeze(1) + discounts.unsqueeze(1) * support).clamp(support[0], support[-1])
-    position = (shifted - support[0]) / spacing  # in atoms, within [0, atoms - 1]
+    position = ((shifted - support[0]) / spacing).clamp(0, atoms - 1)  # in atoms (clamp: rounding)
     lower = position.floor().clamp(max=atoms - 2)  # the top atom splits as (0 below, 1 on it)
     upper_share = position - lower
     # Every row's mass lands in its own slice of one flat vector: one scatter for the batch.
