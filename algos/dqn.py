@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
-from algos.nets import NatureCNN, Widths, mlp
+from algos.nets import Widths, obs_torso
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 
@@ -48,13 +48,7 @@ class DQNConfig(BaseModel):
 class QNetwork(nn.Module):
     def __init__(self, spec: EnvSpec, hidden: list[int], dueling: bool):
         super().__init__()
-        self.pixels = len(spec.obs_shape) == 3
-        if self.pixels:
-            self.torso: nn.Module = NatureCNN(spec.obs_shape[0])
-            features = self.torso.out_features
-        else:
-            self.torso = mlp(int(np.prod(spec.obs_shape)), hidden)
-            features = hidden[-1]
+        self.torso, features, self.pixels = obs_torso(spec.obs_shape, hidden)
         self.dueling = dueling
         self.advantage = nn.Linear(features, spec.num_actions)
         self.value = nn.Linear(features, 1) if dueling else None

@@ -1,5 +1,6 @@
 """Network pieces shared by the algorithms: an MLP torso for vectors, the Nature CNN for frames,
-twin Q critics for continuous actions and the map from [-1, 1] to an action space's bounds."""
+noisy linear layers, twin Q critics for continuous actions and the map from [-1, 1] to an action
+space's bounds."""
 
 from __future__ import annotations
 
@@ -41,12 +42,52 @@ class NatureCNN(nn.Module):
         return self.net(x.float() / 255.0)
 
 
+def obs_torso(obs_shape: tuple[int, ...], hidden: list[int]) -> tuple[nn.Module, int, bool]:
+    """The value-based torso for an observation shape: ``(module, out_features, pixels)``, the
+    Nature CNN for frames (``pixels``: feed it the frames as they are), else an MLP of ``hidden``
+    widths (feed it the observations as float, flattened)."""
+    if len(obs_shape) == 3:
+        cnn = NatureCNN(obs_shape[0])
+        return cnn, cnn.out_features, True
+    return mlp(math.prod(obs_shape), hidden), hidden[-1], False
+
+
 def mlp(in_features: int, hidden: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [nn.Linear(in_features, width), nn.ReLU()]
         in_features = width
     return nn.Sequential(*layers)
+
+
+class NoisyLinear(nn.Module):
+    """A linear layer with learned factorised Gaussian noise on its weights and biases (Fortunato
+    et al., "Noisy Networks for Exploration"): ``w = mu_w + sigma_w * f(eps_out) f(eps_in)^T`` and
+    ``b = mu_b + sigma_b * f(eps_out)`` with ``f(x) = sign(x) sqrt(|x|)``, one draw per call (the
+    whole batch shares it, as in the paper; per-row draws cost more than the layer itself).
+    ``noisy=False`` uses the mean weights (greedy evaluation)."""
+
+    def __init__(self, in_features: int, out_features: int, sigma0: float = 0.5):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = in_features ** -0.5
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias_mu = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma0 * bound))
+        self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 * bound))
+
+    def forward(self, x: torch.Tensor, noisy: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator``: where the noise comes from (torch's global one when None)."""
+        if not noisy:
+            return nn.functional.linear(x, self.weight_mu, self.bias_mu)
+        noise = torch.randn(self.in_features + self.out_features, dtype=x.dtype, device=x.device,
+                            generator=generator)
+        noise = noise.sign() * noise.abs().sqrt()
+        noise_in, noise_out = noise[: self.in_features], noise[self.in_features:]
+        weight = torch.addcmul(self.weight_mu, self.weight_sigma, torch.outer(noise_out, noise_in))
+        bias = torch.addcmul(self.bias_mu, self.bias_sigma, noise_out)
+        return nn.functional.linear(x, weight, bias)
 
 
 class EnsembleMLP(nn.Module):

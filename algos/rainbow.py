@@ -1,0 +1,225 @@
+"""Rainbow (Hessel et al., 2018): DQN with a distributional C51 head and its projected Bellman
+target, factorised-Gaussian noisy layers in place of epsilon-greedy exploration, double Q, a
+dueling head, n-step returns and prioritised replay (through the engine) by the KL loss.
+
+The return of each action is a categorical distribution over ``num_atoms`` fixed values (the
+support, evenly spaced on ``[v_min, v_max]``); its Q value is the distribution's mean. Actors act
+greedily on noisy weights; evaluation acts greedily on the mean weights (no noise)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from torch import nn
+
+from algos.nets import NoisyLinear, Widths, obs_torso
+from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
+
+
+class RainbowConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(6.25e-5, gt=0, description="Adam learning rate (the paper's, for Atari).")
+    adam_eps: float = Field(1.5e-4, gt=0, description="Adam epsilon (the paper's: lr / 400-ish).")
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    n_step: int = Field(3, ge=1, description="Steps summed before bootstrapping.")
+    double: bool = Field(True, description="Double Q: the online net picks the bootstrap action.")
+    dueling: bool = Field(True, description="Dueling head: value plus mean-centred advantages, per atom.")
+    hidden: Widths = Field([128, 128], description="MLP torso widths (vector observations).")
+    num_atoms: int = Field(51, ge=2, description="Atoms of each return distribution (C51: 51).")
+    v_min: float = Field(-10.0, description="Smallest return the support holds (lower values are clipped to it).")
+    v_max: float = Field(10.0, description="Largest return the support holds (higher values are clipped to it).")
+    noisy_std: float = Field(
+        0.5, gt=0, description="sigma_0 of the noisy layers: each noise scale starts at "
+        "sigma_0 / sqrt(fan_in).")
+    target_update_period: int = Field(100, ge=1, description="Updates between target-network updates.")
+    tau: float = Field(1.0, gt=0, le=1, description="Target update weight: 1 is a hard copy, <1 Polyak.")
+    max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
+
+    @field_validator("v_max")
+    @classmethod
+    def _support(cls, v_max: float, info: ValidationInfo) -> float:
+        v_min = info.data.get("v_min")
+        if v_min is not None and not v_max > v_min:
+            raise ValueError(f"must be greater than v_min ({v_min})")
+        return v_max
+
+
+# --- network ----------------------------------------------------------------------------------
+
+
+class DistributionalQNetwork(nn.Module):
+    """Log-probabilities over the support for every action: ``(batch, actions, atoms)``.
+
+    The torso (MLP or Nature CNN) is DQN's; the value and advantage streams are noisy layers, so
+    that the noise, which the loss learns to shrink where it does not pay, drives exploration."""
+
+    def __init__(self, spec: EnvSpec, config: RainbowConfig):
+        super().__init__()
+        self.torso, features, self.pixels = obs_torso(spec.obs_shape, config.hidden)
+        self.num_actions, self.num_atoms = spec.num_actions, config.num_atoms
+        self.advantage = NoisyLinear(features, spec.num_actions * config.num_atoms, config.noisy_std)
+        self.value = NoisyLinear(features, config.num_atoms, config.noisy_std) if config.dueling else None
+        # From the config, not learned: kept out of the state dict and the weight store alike.
+        self.register_buffer("support", torch.linspace(config.v_min, config.v_max, config.num_atoms),
+                             persistent=False)
+        # Materialise LazyLinear now so parameter counts (the weight store's size) are fixed.
+        with torch.no_grad():
+            self(torch.from_numpy(np.zeros((1, *spec.obs_shape), spec.obs_dtype)))
+
+    def forward(self, obs: torch.Tensor, noisy: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``noisy``: sample the noisy layers' weights (one draw for the batch, from
+        ``generator``); otherwise use their means."""
+        features = self.torso(obs if self.pixels else obs.float().flatten(1))
+        logits = self.advantage(features, noisy, generator).view(-1, self.num_actions, self.num_atoms)
+        if self.value is not None:
+            value = self.value(features, noisy, generator).unsqueeze(1)
+            logits = value + logits - logits.mean(dim=1, keepdim=True)
+        return logits.log_softmax(dim=-1)
+
+    def q_values(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The mean of each action's distribution: ``(batch, actions)``."""
+        return (log_probs.exp() * self.support).sum(dim=-1)
+
+
+# --- loss -------------------------------------------------------------------------------------
+
+
+def project_distribution(probs: torch.Tensor, rewards: torch.Tensor, discounts: torch.Tensor,
+                         support: torch.Tensor) -> torch.Tensor:
+    """C51's projected Bellman target: the distribution of ``rewards + discounts * Z`` (``Z`` with
+    ``probs`` on ``support``, shapes ``(batch, atoms)``, ``(batch,)``, ``(batch,)``, ``(atoms,)``)
+    mapped back onto ``support``. Each shifted atom, clipped to ``[v_min, v_max]``, splits its
+    probability between the two atoms around it in proportion to its closeness to each."""
+    batch, atoms = probs.shape
+    spacing = support[1] - support[0]
+    shifted = (rewards.unsqueeze(1) + discounts.unsqueeze(1) * support).clamp(support[0], support[-1])
+    position = ((shifted - support[0]) / spacing).clamp(0, atoms - 1)  # in atoms (clamp: rounding)
+    lower = position.floor().clamp(max=atoms - 2)  # the top atom splits as (0 below, 1 on it)
+    upper_share = position - lower
+    # Every row's mass lands in its own slice of one flat vector: one scatter for the batch.
+    flat_lower = (lower.long() + atoms * torch.arange(batch, device=probs.device).unsqueeze(1)).view(-1)
+    projected = torch.zeros(batch * atoms, dtype=probs.dtype, device=probs.device)
+    projected.index_add_(0, flat_lower, (probs * (1 - upper_share)).view(-1))
+    projected.index_add_(0, flat_lower + 1, (probs * upper_share).view(-1))
+    return projected.view(batch, atoms)
+
+
+def distributional_loss(batch: TransitionBatch, online: DistributionalQNetwork,
+                        target: DistributionalQNetwork, double: bool
+                        ) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+    """Cross-entropy of the online distribution of the taken action against the projected target
+    (importance-weighted), its metrics, and each item's KL divergence as its new priority (the
+    cross-entropy less the target's entropy: same gradient, 0 when the fit is exact)."""
+    rows = torch.arange(len(batch.actions), device=batch.actions.device)
+    log_probs = online(batch.obs, noisy=True)[rows, batch.actions.long()]
+    with torch.no_grad():
+        next_target = target(batch.next_obs, noisy=True)
+        chooser = online(batch.next_obs, noisy=True) if double else next_target
+        next_action = online.q_values(chooser).argmax(dim=1)
+        projected = project_distribution(next_target[rows, next_action].exp(), batch.rewards,
+                                         batch.discounts, online.support)
+    cross_entropy = -(projected * log_probs).sum(dim=1)
+    loss = (batch.weights * cross_entropy).mean()
+    with torch.no_grad():
+        kl = cross_entropy + torch.special.xlogy(projected, projected).sum(dim=1)
+        q = (log_probs.exp() * online.support).sum(dim=1)
+    metrics = {"loss": loss.detach(), "kl": kl.mean(), "q_values": q.mean()}
+    return loss, metrics, kl.clamp(min=0)
+
+
+# --- the algorithm ----------------------------------------------------------------------------
+
+
+class Rainbow:
+    Config: ClassVar[type[BaseModel]] = RainbowConfig
+    # A built-in default that trains at once: CartPole-v1, stopping once a greedy evaluation
+    # reaches 475 (the env's reward threshold), within 100k env steps. CartPole pays 1 a step, so
+    # returns lie in [0, 1 / (1 - gamma)] = [0, 100].
+    preset: ClassVar[dict[str, Any]] = {
+        "algo": {"name": "rainbow", "lr": 2.5e-3, "adam_eps": 1e-5, "v_min": 0.0, "v_max": 100.0},
+        "env": {"id": "CartPole-v1", "num_envs": 8},
+        "replay": {"capacity": 100_000, "min_size_to_sample": 1_000, "samples_per_insert": 16.0,
+                   "prioritized": True, "priority_exponent": 0.5, "importance_exponent": 0.4},
+        "learner": {"batch_size": 128},
+        "train": {"total_env_steps": 100_000, "eval_every": 10_000, "eval_episodes": 20,
+                  "target_return": 475.0},
+    }
+
+    def __init__(self, spec: EnvSpec, config: RainbowConfig, device: torch.device):
+        if spec.action_kind != "discrete":
+            raise ValueError(f"Rainbow needs discrete actions; {spec.env_id} has continuous ones")
+        self.spec, self.config, self.device = spec, config, device
+        self.q = DistributionalQNetwork(spec, config).to(device)
+        self.target_q = DistributionalQNetwork(spec, config).to(device)
+        self.target_q.load_state_dict(self.q.state_dict())
+        self.target_q.requires_grad_(False)
+        self._params = list(self.q.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps, fused=True)
+        self.updates = 0
+
+    @property
+    def data(self) -> TransitionData:
+        return TransitionData(n_step=self.config.n_step, gamma=self.config.gamma)
+
+    @property
+    def acting_network(self) -> nn.Module:
+        return self.q
+
+    def make_acting_network(self) -> nn.Module:
+        return DistributionalQNetwork(self.spec, self.config)
+
+    @torch.no_grad()
+    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int,
+            rng: np.random.Generator, greedy: bool = False) -> np.ndarray:
+        """Greedy on the mean Q. Acting, noisy weights (a draw per acting batch, seeded from the
+        actor's ``rng`` so that actors draw apart and a serial run repeats) explore; ``greedy``
+        (evaluation) uses the mean weights. No schedule: ``env_steps`` is not needed."""
+        if greedy:
+            log_probs = network(obs)
+        else:
+            noise = torch.Generator(obs.device).manual_seed(int(rng.integers(2**63)))
+            log_probs = network(obs, noisy=True, generator=noise)
+        return network.q_values(log_probs).argmax(dim=1).cpu().numpy()
+
+    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+        return distributional_loss(batch, self.q, self.target_q, self.config.double)
+
+    def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
+        loss, metrics, priorities = self.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["grad_norm"] = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm,
+                                                        foreach=True)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.config.target_update_period == 0:
+            self._update_target()
+        return metrics, priorities
+
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        tau = self.config.tau
+        if tau >= 1.0:
+            self.target_q.load_state_dict(self.q.state_dict())
+            return
+        for target, online in zip(self.target_q.parameters(), self.q.parameters()):
+            target.lerp_(online, tau)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "q": self.q.state_dict(),
+            "target_q": self.target_q.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q.load_state_dict(state["q"])
+        self.target_q.load_state_dict(state["target_q"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
