@@ -4,14 +4,13 @@ a UI) sees this much delay on its own tasks.
 
     python bench/loop_lag.py [--steps 30000] [--set actors.placement='inline' ...]
 
-Measured once each on the 2-core development box (no GPU, load average ~3-4: other engineers'
-test suites ran beside it, so the figures, the tail above all, are noisy), 30,000 env steps of the
-DQN preset:
+Measured once each on the 2-core development box with nothing else running (2026-11-25, 08:15
+UTC), 30,000 env steps of the DQN preset; figures and an earlier loaded run in BENCHMARKS.md:
     python bench/loop_lag.py
-        placement auto (process actors): median 3.1 ms, p99 45.1 ms, max 76.1 ms
-        (1,313 wake-ups, 1,135 env steps/s overall)
+        placement auto (process actors): median 3.6 ms, p99 15.8 ms, max 25.7 ms
+        (937 wake-ups, 1,974 env steps/s overall)
     python bench/loop_lag.py --set "actors.placement='inline'"
-        inline actors: median 1.3 ms, p99 38.2 ms, max 107.5 ms (1,730 wake-ups, 1,215 env steps/s)
+        inline actors: median 0.4 ms, p99 2.8 ms, max 4.8 ms (926 wake-ups, 2,690 env steps/s)
 """
 
 from __future__ import annotations
