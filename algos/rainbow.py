@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
+from algos.dqn import DQN
 from algos.nets import NoisyLinear, Widths, obs_torso
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
@@ -201,22 +202,9 @@ class Rainbow:
             self._update_target()
         return metrics, priorities
 
-    @torch.no_grad()
-    def _update_target(self) -> None:
-        tau = self.config.tau
-        if tau >= 1.0:
-            self.target_q.load_state_dict(self.q.state_dict())
-            return
-        for target, online in zip(self.target_q.parameters(), self.q.parameters()):
-            target.lerp_(online, tau)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "q": self.q.state_dict(),
-            "target_q": self.target_q.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "updates": self.updates,
-        }
+    # The target network's update and the checkpointed state are DQN's (the same attributes).
+    _update_target = DQN._update_target
+    state_dict = DQN.state_dict
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.q.load_state_dict(state["q"])
