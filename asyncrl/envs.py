@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import envpool
 import gymnasium
 import numpy as np
 from gymnasium import spaces
@@ -34,6 +33,14 @@ from asyncrl.faults import RunError
 log = logging.getLogger("asyncrl")
 
 __all__ = ["EnvError", "Step", "VecEnv", "env_families", "list_env_ids", "make_env", "spec_from_spaces"]
+
+
+def _envpool():
+    """EnvPool, imported at first use: its import registers every env family it ships (~1.6 s
+    here), which a command that fails on its arguments, or never makes an env, need not wait for."""
+    import envpool
+
+    return envpool
 
 
 class EnvError(ValueError):
@@ -53,12 +60,13 @@ class Step:
 
 def list_env_ids() -> list[str]:
     """Every id ``make_env`` knows: EnvPool's and Gymnasium's."""
-    return sorted(set(envpool.list_all_envs()) | set(gymnasium.registry))
+    return sorted(set(_envpool().list_all_envs()) | set(gymnasium.registry))
 
 
 def env_families() -> dict[str, list[str]]:
     """EnvPool's ids grouped by the module that implements them (atari, mujoco, classic_control...)."""
     families: dict[str, list[str]] = {}
+    envpool = _envpool()
     specs = getattr(getattr(envpool, "registration", None), "registry", None)
     specs = getattr(specs, "specs", {})
     for env_id in envpool.list_all_envs():
@@ -341,7 +349,7 @@ def _make_env(env_id: str, num_envs: int, batch_size: int | None, seed: int, kwa
         if kwargs:
             raise EnvError("kwargs cannot be used with env_fn; pass them inside env_fn")
         return _make_gymnasium(env_id, num_envs, batch_size, seed, env_fn, max_errors_in_a_row)
-    if env_id in envpool.list_all_envs():
+    if env_id in _envpool().list_all_envs():
         with warnings.catch_warnings():
             # EnvPool declares float64 bounds on float32 boxes; gymnasium warns on every make.
             warnings.filterwarnings("ignore", message=".*precision lowered by casting", category=UserWarning)
@@ -401,6 +409,7 @@ _ENVPOOL_MAKE_OPTIONS = {"from_pixels", "render_mode", "render_env_id", "render_
 
 
 def _make_envpool(env_id: str, num_envs: int, batch_size: int, seed: int, kwargs: dict[str, Any]) -> VecEnv:
+    envpool = _envpool()
     defaults = envpool.make_spec(env_id).config._asdict()
     known = sorted(defaults.keys() | _ENVPOOL_MAKE_OPTIONS)
     for key in kwargs:

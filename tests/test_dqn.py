@@ -143,8 +143,9 @@ def test_continuous_actions_are_refused():
 def test_pong_config_starts_and_trains(tmp_path):
     cfg = build_config(file="configs/dqn_pong.toml", overrides=[
         "env.num_envs=4", "env.batch_size=2", "replay.capacity=2000", "replay.min_size_to_sample=200",
-        "replay.samples_per_insert=32", "train.total_env_steps=600", "train.eval_every=100000",
-        "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=200", "train.log_every=200"])
+        "replay.samples_per_insert=4", "train.total_env_steps=600", "train.eval_every=100000",
+        "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100", "train.log_every=200",
+        "train.tensorboard=false"])
     result = asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=tmp_path).run(), 240))
     assert result["env_steps"] >= 600 and result["updates"] > 0
     assert result["eval"]["eval/episodes"] == 1

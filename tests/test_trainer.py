@@ -163,8 +163,10 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     _, manifest, _ = checkpoint.load_latest(run_dir / "checkpoints")
     saved = manifest["env_steps"]
     target = saved + 1500
+    # Resumed with inline actors: what is checked is the checkpoint, and a worker's start-up
+    # would only add seconds.
     out = subprocess.run([sys.executable, "-m", "asyncrl", "run", "--resume", str(run_dir), "--no-live",
-                          "--set", f"train.total_env_steps={target}"],
+                          "--set", f"train.total_env_steps={target}", "--set", "actors.placement='inline'"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
