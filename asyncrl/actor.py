@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from asyncrl.adders import NStepAdder
-from asyncrl.core import Algorithm, StateSpec, actor_state_spec
+from asyncrl.core import Algorithm, StateSpec, acting_copy, actor_state_spec
 from asyncrl.envs import Step, VecEnv
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
@@ -113,7 +113,7 @@ class Actor(ActorBase):
                  recorder: Recorder, rng: np.random.Generator, pull_every: int):
         super().__init__(env.num_envs, store, adder, recorder)
         self.env, self.algo, self.rng, self.pull_every = env, algo, rng, pull_every
-        self.network = algo.make_acting_network().eval()
+        self.network = acting_copy(algo)
         self._batches = 0
         spec = actor_state_spec(algo)
         self.states = EnvStates(spec, env.num_envs) if spec else None

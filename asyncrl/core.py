@@ -208,6 +208,12 @@ def actor_state_spec(algo: Algorithm) -> StateSpec:
     return dict(getattr(algo, "actor_state", None) or {})
 
 
+def acting_copy(algo: Algorithm) -> torch.nn.Module:
+    """A network for acting only: the algorithm's acting network in eval mode with no parameter
+    that requires grad (weights come from the weight store; a forward pass records nothing)."""
+    return algo.make_acting_network().eval().requires_grad_(False)
+
+
 def split_actions(out: np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]
                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(actions, extras)`` from what :meth:`Algorithm.act` returned (extras may be empty)."""

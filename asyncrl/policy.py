@@ -16,7 +16,7 @@ from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
 from asyncrl.config import Config, ConfigError, read_file, validate
 from asyncrl.actor import EnvStates, act_with_state
-from asyncrl.core import Algorithm, EnvSpec, actor_state_spec
+from asyncrl.core import Algorithm, EnvSpec, acting_copy, actor_state_spec
 
 if TYPE_CHECKING:
     from asyncrl.trainer import Trainer
@@ -115,7 +115,7 @@ class LivePolicy(Policy):
             if c is None:
                 raise RuntimeError("the trainer has not built its networks yet: "
                                    "call the policy once run() has started")
-            super().__init__(c.algo, c.algo.make_acting_network(), c.spec, version=-1)
+            super().__init__(c.algo, acting_copy(c.algo), c.spec, version=-1)
             self._store = c.store  # last: other threads take it as "bound"
 
     def _refresh(self) -> None:

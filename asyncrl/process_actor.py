@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from asyncrl.actor import ActorBase, EnvStates, act_with_state
 from asyncrl.adders import NStepAdder
-from asyncrl.core import EnvSpec, StateSpec, actor_state_spec, split_actions
+from asyncrl.core import EnvSpec, StateSpec, acting_copy, actor_state_spec, split_actions
 from asyncrl.envs import Step
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
@@ -78,7 +78,7 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
     try:
         cls = registry.get(algo_name)
         algo = cls(env.spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
-        network = algo.make_acting_network().eval()
+        network = acting_copy(algo)
         state_spec = actor_state_spec(algo)
         states = EnvStates(state_spec, env.num_envs) if state_spec else None
         after_end = np.ones(env.num_envs, bool)  # an env's next observation begins an episode

@@ -35,7 +35,7 @@ import torch
 
 from asyncrl.actor import ActorBase
 from asyncrl.config import ConfigError, RayConfig
-from asyncrl.core import EnvSpec, split_actions
+from asyncrl.core import EnvSpec, acting_copy, split_actions
 from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
@@ -76,7 +76,7 @@ class RemoteActor:
         spec = self.env.spec
         cls = registry.get(algo_name)
         self.algo = cls(spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
-        self.network = self.algo.make_acting_network().eval()
+        self.network = acting_copy(self.algo)
         self.params = [p.detach() for p in self.network.parameters()]
         self.rng = np.random.default_rng([seed, index])
         self.version = 0

@@ -22,7 +22,7 @@ from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError
-from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, actor_state_spec
+from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, acting_copy, actor_state_spec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
 from asyncrl.faults import RunError
@@ -478,7 +478,7 @@ class Trainer:
     def _eval_network(self) -> tuple[torch.nn.Module, int]:
         """The latest published policy, copied into the evaluator's own network, and its version."""
         if self._eval_net is None:
-            self._eval_net = self.c.algo.make_acting_network().eval()
+            self._eval_net = acting_copy(self.c.algo)
         version = self.c.store.pull(self._eval_net, -1)
         return self._eval_net, version
 
