@@ -18,7 +18,11 @@ from algos.nets import Widths, obs_torso
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 
-class DQNConfig(BaseModel):
+class QLearningConfig(BaseModel):
+    """The hyperparameters DQN and Rainbow share, with DQN's defaults. Each algorithm's config
+    subclasses it, adding its own fields and overriding what differs; neither accepts the
+    other's own fields (``extra="forbid"``)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
@@ -30,11 +34,14 @@ class DQNConfig(BaseModel):
     hidden: Widths = Field([128, 128], description="MLP torso widths (vector observations).")
     target_update_period: int = Field(100, ge=1, description="Updates between target-network updates.")
     tau: float = Field(1.0, gt=0, le=1, description="Target update weight: 1 is a hard copy, <1 Polyak.")
+    max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
+
+
+class DQNConfig(QLearningConfig):
     eps_start: float = Field(1.0, ge=0, le=1, description="Exploration epsilon at the start.")
     eps_end: float = Field(0.05, ge=0, le=1, description="Exploration epsilon after the decay.")
     eps_decay_steps: int = Field(10_000, ge=1, description="Env steps over which epsilon decays linearly.")
     huber_delta: float = Field(1.0, gt=0, description="Huber loss threshold on the TD error.")
-    max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
     compile: bool = Field(
         False,
         description="torch.compile the loss and its gradient: several times more updates/s for "

@@ -12,33 +12,28 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from torch import nn
 
-from algos.dqn import DQN
-from algos.nets import NoisyLinear, Widths, obs_torso
+from algos.dqn import DQN, QLearningConfig
+from algos.nets import NoisyLinear, obs_torso
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 
-class RainbowConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+# The hyperparameters shared with DQN (same meaning) come from QLearningConfig; here are the
+# paper's Adam settings, the distribution's support and the noisy layers. DQN's epsilon schedule,
+# Huber loss and compile are DQNConfig's only, so a rainbow config that sets them is rejected
+# (extra="forbid"). A comment, not a docstring: that would change the JSON schema's description.
+class RainbowConfig(QLearningConfig):
     lr: float = Field(6.25e-5, gt=0, description="Adam learning rate (the paper's, for Atari).")
     adam_eps: float = Field(1.5e-4, gt=0, description="Adam epsilon (the paper's: lr / 400-ish).")
-    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
-    n_step: int = Field(3, ge=1, description="Steps summed before bootstrapping.")
-    double: bool = Field(True, description="Double Q: the online net picks the bootstrap action.")
     dueling: bool = Field(True, description="Dueling head: value plus mean-centred advantages, per atom.")
-    hidden: Widths = Field([128, 128], description="MLP torso widths (vector observations).")
     num_atoms: int = Field(51, ge=2, description="Atoms of each return distribution (C51: 51).")
     v_min: float = Field(-10.0, description="Smallest return the support holds (lower values are clipped to it).")
     v_max: float = Field(10.0, description="Largest return the support holds (higher values are clipped to it).")
     noisy_std: float = Field(
         0.5, gt=0, description="sigma_0 of the noisy layers: each noise scale starts at "
         "sigma_0 / sqrt(fan_in).")
-    target_update_period: int = Field(100, ge=1, description="Updates between target-network updates.")
-    tau: float = Field(1.0, gt=0, le=1, description="Target update weight: 1 is a hard copy, <1 Polyak.")
-    max_grad_norm: float = Field(10.0, gt=0, description="Gradient-norm clip.")
 
     @field_validator("v_max")
     @classmethod

@@ -66,6 +66,27 @@ class _Slabs:
         return {name: tensor.numpy() for name, tensor in vars(self).items()}
 
 
+def write_batch(views: dict[str, np.ndarray], slot: int, step: Step, actions: np.ndarray,
+                extras: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> int:
+    """Write one batch into slot ``slot`` of ``views`` (arrays named as :class:`_Slabs`'s, a slot
+    per leading index): what the env returned, the actions chosen, their ``extras`` and the actor
+    ``state`` each saw, then the batch's size, last. Returns the size. Process actors write their
+    shared-memory slabs with it, Ray actors the arrays a call returns."""
+    n = len(step.env_ids)
+    views["obs"][slot, :n] = step.obs
+    views["rewards"][slot, :n] = step.rewards
+    views["terminated"][slot, :n] = step.terminated
+    views["truncated"][slot, :n] = step.truncated
+    views["env_ids"][slot, :n] = step.env_ids
+    views["actions"][slot, :n] = actions
+    for name, value in extras.items():
+        views[f"extra_{name}"][slot, :n] = value
+    for name, value in (state or {}).items():
+        views[f"state_{name}"][slot, :n] = value
+    views["sizes"][slot] = n
+    return n
+
+
 def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_params: dict[str, Any],
             store: WeightStore, slabs: _Slabs, control: torch.Tensor, conn: mpc.Connection,
             seed: int, pull_every: int) -> None:
@@ -115,18 +136,8 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
                     after_end[step.env_ids] = step.terminated | step.truncated
             env.send(actions, step.env_ids)  # the envs step while the slot is written
             t3 = time.perf_counter()
-            slot, n = free.pop(), len(step.env_ids)
-            views["obs"][slot, :n] = step.obs
-            views["rewards"][slot, :n] = step.rewards
-            views["terminated"][slot, :n] = step.terminated
-            views["truncated"][slot, :n] = step.truncated
-            views["env_ids"][slot, :n] = step.env_ids
-            views["actions"][slot, :n] = actions
-            for name, value in extras.items():
-                views[f"extra_{name}"][slot, :n] = value
-            for name, value in state.items():
-                views[f"state_{name}"][slot, :n] = value
-            views["sizes"][slot] = n
+            slot = free.pop()
+            write_batch(views, slot, step, actions, extras, state)
             conn.send_bytes(_READY.pack(slot, version, t1 - t0, t3 - t2, t2 - t1))
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the loop stops us
         pass

@@ -39,6 +39,7 @@ from asyncrl.core import EnvSpec, acting_copy, split_actions
 from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
+from asyncrl.process_actor import write_batch
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.weights import WeightStore
 
@@ -126,16 +127,7 @@ class RemoteActor:
                     self.algo.act(self.network, torch.from_numpy(step.obs), env_steps, self.rng))
             self.env.send(actions, step.env_ids)
             t2 = time.perf_counter()
-            n = len(step.env_ids)
-            out["obs"][k, :n] = step.obs
-            out["rewards"][k, :n] = step.rewards
-            out["terminated"][k, :n] = step.terminated
-            out["truncated"][k, :n] = step.truncated
-            out["env_ids"][k, :n] = step.env_ids
-            out["actions"][k, :n] = actions
-            for name, value in extras.items():
-                out[f"extra_{name}"][k, :n] = value
-            out["sizes"][k] = n
+            write_batch(out, k, step, actions, extras)
             out["versions"][k] = self.version
             env_wait += t1 - t0
             inference += t2 - t1

@@ -7,7 +7,6 @@ import asyncio
 import math
 
 import pytest
-import torch
 
 from algos.sac import SAC
 from algos.td3 import TD3
@@ -17,13 +16,7 @@ from asyncrl.trainer import Trainer
 ALGOS = pytest.mark.parametrize("cls", [SAC, TD3], ids=["sac", "td3"])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small networks: one thread is fastest, and two stall when other processes hold a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @ALGOS

@@ -19,13 +19,7 @@ from asyncrl.trainer import Trainer
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small networks: one thread is fastest, and two stall when other processes hold a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 # Asymmetric, uneven bounds: the scaling to them is tested, not just [-1, 1].
 SPEC = EnvSpec("box", (3,), np.dtype(np.float32), "continuous", 0, (2,),

@@ -19,13 +19,7 @@ SPEC = EnvSpec("box", (3,), np.dtype(np.float32), "continuous", 0, (2,),
 HALF_RANGE = np.array([2.0, 0.25], np.float32)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small networks: one thread is fastest, and two stall when other processes hold a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def small(**kwargs) -> TD3:
