@@ -87,17 +87,13 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
     (continuous: also the unclipped sample, which the log-prob belongs to)."""
     params = net.policy(obs)
     if net.log_std is None:
-        # In numpy: an acting batch is a few rows, where each torch op costs more in dispatch than
-        # numpy's whole sample.
-        logits = params.float().cpu().numpy()
         if greedy:
-            choice = logits.argmax(-1)
+            choice = params.argmax(-1)
         else:  # Gumbel-max: a categorical sample from numpy's generator
-            choice = (logits + rng.gumbel(size=logits.shape).astype(np.float32)).argmax(-1)
-        top = logits.max(-1)
-        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(-1))  # log-sum-exp
-        log_prob = logits[np.arange(len(choice)), choice] - log_norm
-        return choice, {"log_prob": log_prob.astype(np.float32, copy=False)}
+            noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32))
+            choice = (params + noise).argmax(-1)
+        log_prob, _ = log_prob_entropy(net, params, choice)
+        return choice.numpy(), {"log_prob": log_prob.numpy()}
     raw = params
     if not greedy:
         noise = torch.from_numpy(rng.standard_normal(params.shape).astype(np.float32))

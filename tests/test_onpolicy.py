@@ -155,46 +155,18 @@ def test_nature_cnn_actor_critic_on_frames():
     assert algo.net.value(frames).shape == (3,)
 
 
-def test_policy_and_value_bodies_match_two_separate_tanh_mlps_and_load_their_old_layout():
-    """The 2-member body computes what two nn.Sequential tanh MLPs would (the layout checkpoints
-    had before), initialised alike for a seed, and loads such a checkpoint."""
-    from torch import nn
-
+@pytest.mark.parametrize("action_dim, num_actions", [(0, 3), (2, 0)])
+def test_actor_critic_fast_forward_gives_the_module_calls_numbers_exactly(action_dim, num_actions):
     from algos.nets import ActorCritic
 
-    def separate(seed: int) -> dict[str, nn.Module]:
-        torch.manual_seed(seed)
-        parts = {}
-        for part in ("policy", "value"):
-            layers: list[nn.Module] = []
-            for fan_in, fan_out in ((4, 32), (32, 16)):
-                linear = nn.Linear(fan_in, fan_out)
-                nn.init.orthogonal_(linear.weight, 2 ** 0.5)
-                nn.init.zeros_(linear.bias)
-                layers += [linear, nn.Tanh()]
-            parts[part] = nn.Sequential(*layers)
-        return parts
-
-    old = separate(3)
-    torch.manual_seed(3)
-    net = ActorCritic((4,), 2, 0, [32, 16])
-    obs = torch.randn(10, 4)
-    with torch.no_grad():
-        logits, value = net(obs)
-        np.testing.assert_allclose(logits, net.policy_head(old["policy"](obs)), atol=1e-6)
-        np.testing.assert_allclose(value, net.value_head(old["value"](obs)).squeeze(-1), atol=1e-6)
-        np.testing.assert_allclose(net.policy(obs), logits, atol=1e-6)
-        np.testing.assert_allclose(net.value(obs), value, atol=1e-6)
-    # A checkpoint in the old layout (other weights: seed 4) loads into the new one.
-    other = separate(4)
-    state = {f"{part}_body.{k}": v for part, mlp in other.items() for k, v in mlp.state_dict().items()}
-    state.update({f"{k}": v for k, v in net.state_dict().items() if "head" in k})
-    loaded = ActorCritic((4,), 2, 0, [32, 16])
-    loaded.load_state_dict(state)
-    with torch.no_grad():
-        logits, value = loaded(obs)
-        np.testing.assert_allclose(logits, net.policy_head(other["policy"](obs)), atol=1e-6)
-        np.testing.assert_allclose(value, net.value_head(other["value"](obs)).squeeze(-1), atol=1e-6)
+    torch.manual_seed(0)
+    net = ActorCritic((5,), num_actions, action_dim, [32, 16])
+    obs = torch.randn(7, 5)
+    policy = net.policy_head(net.policy_body(obs))
+    value = net.value_head(net.value_body(obs)).squeeze(-1)
+    assert torch.equal(net.policy(obs), policy) and torch.equal(net.value(obs), value)
+    both = net(obs)
+    assert torch.equal(both[0], policy) and torch.equal(both[1], value)
 
 
 @pytest.mark.parametrize("name", ["ppo_pong", "impala_pong"])
