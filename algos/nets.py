@@ -191,7 +191,8 @@ class ActorCritic(nn.Module):
         return flat, flat
 
     # The layers are applied with the functional ops that nn.Linear and nn.Tanh call, without each
-    # module call's hook machinery: the same numbers, ~half the time of an acting batch's forward.
+    # module call's hook machinery: the same numbers, ~18% less time for an 8-env acting forward
+    # (38 against 46 us here).
 
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         """Logits (discrete) or the Gaussian mean (continuous)."""
