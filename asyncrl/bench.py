@@ -52,7 +52,7 @@ from asyncrl.config import Config, ConfigError, deep_merge, validate
 from asyncrl.core import (Algorithm, EnvSpec, SequenceBatch, SequenceData, StateSpec, TrajectoryBatch,
                           TrajectoryData, TransitionBatch, TransitionData, actor_state_spec)
 from asyncrl.envs import make_env
-from asyncrl.learner import pick_device
+from asyncrl.learner import denormals_flushed, pick_device
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
@@ -224,7 +224,8 @@ def measure_learning_ceiling(config: Config, spec: EnvSpec, seconds: float, warm
 
     def step() -> None:
         nonlocal updates
-        algo.update(batch)
+        with denormals_flushed(config.learner.flush_denormal):  # as the learner updates
+            algo.update(batch)
         updates += 1
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None

@@ -133,6 +133,11 @@ class LearnerConfig(_Section):
         1, ge=1,
         description="torch intra-op threads. One is fastest for small networks on few cores "
         "(see BENCHMARKS.md); raise it for large CPU networks.")
+    flush_denormal: bool = Field(
+        True,
+        description="Treat denormal floats as zero while updating (x86 FTZ/DAZ). Tiny gradients "
+        "make Adam's moments denormal, and the CPU's slow path for them cost SAC ~20% of its "
+        "learner time here (BENCHMARKS.md); false keeps IEEE denormals.")
     max_updates_per_call: int = Field(
         16, ge=1,
         description="Most updates per learner chunk (batches drawn from replay in one call, one "

@@ -146,14 +146,26 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
 
 
 def _context():
-    """Where workers start from: a fork server that has imported this module (torch, EnvPool)
-    once, so every later worker of the process starts in milliseconds instead of seconds of
-    imports; plain spawn where fork servers do not exist (Windows)."""
+    """Where workers start from: a fork server that has imported this module (torch), EnvPool and
+    torch._dynamo once, so every later worker of the process starts in milliseconds instead of
+    seconds of imports; plain spawn where fork servers do not exist (Windows). The engine imports
+    EnvPool lazily, and torch imports torch._dynamo at the first optimizer an algorithm builds
+    (~1.5 s here each): a worker forked from a server without them pays both."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload([__name__, "envpool", "torch._dynamo"])
     return ctx
+
+
+def start_fork_server() -> None:
+    """Start the fork server now (if not running yet), so that its imports overlap whatever the
+    caller does before the first worker starts; a no-op where workers are spawned."""
+    if "forkserver" in mp.get_all_start_methods():
+        _context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class ProcessActor(ActorBase):

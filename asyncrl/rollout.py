@@ -25,7 +25,7 @@ from asyncrl.actor import Actor
 from asyncrl.core import Algorithm, TrajectoryBatch, split_actions
 from asyncrl.envs import Step
 from asyncrl.faults import NonFiniteGuard
-from asyncrl.learner import run_to_completion
+from asyncrl.learner import denormals_flushed, run_to_completion
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, _Waiters
 from asyncrl.weights import WeightStore
@@ -337,8 +337,9 @@ class TrajectoryLearner:
 
     def __init__(self, algo: Algorithm, queue: RolloutQueue, store: WeightStore, recorder: Recorder,
                  device: torch.device, batch_size: int, publish_every: int,
-                 max_nonfinite_in_a_row: int = 50):
+                 max_nonfinite_in_a_row: int = 50, flush_denormal: bool = True):
         self.algo, self.queue, self.store, self.recorder = algo, queue, store, recorder
+        self.flush_denormal = flush_denormal
         self.device, self.batch_size, self.publish_every = device, batch_size, publish_every
         self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
         self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
@@ -369,7 +370,8 @@ class TrajectoryLearner:
         """One update; False when it was non-finite and rolled back (see NonFiniteGuard)."""
         t0 = time.perf_counter()
         self.guard.before_chunk(self.algo)
-        metrics, _ = self.algo.update(batch)
+        with denormals_flushed(self.flush_denormal):
+            metrics, _ = self.algo.update(batch)
         applied = self.guard.check(self.algo, [metrics])
         if applied:
             metrics["policy_lag"] = self.policy_lag

@@ -29,7 +29,7 @@ from asyncrl.faults import RunError
 from asyncrl.learner import Learner, pick_device
 from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink
 from asyncrl.policy import LivePolicy, Policy, spec_to_dict
-from asyncrl.process_actor import ProcessActor
+from asyncrl.process_actor import ProcessActor, start_fork_server
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.sequence import SequenceAdder, SequenceReplay
@@ -82,6 +82,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     except ValueError as exc:
         raise ConfigError(f"invalid config: learner.device: {exc}") from None
     where = placement(config, device, env_fn)
+    if where == "process":  # its imports (seconds) overlap the probe env's and the networks'
+        start_fork_server()
     env_args = [dict(env_id=e.id, num_envs=e.num_envs, batch_size=e.batch_size, seed=seed + i * e.num_envs,
                      kwargs=e.kwargs, max_errors_in_a_row=e.max_errors_in_a_row, obs_indices=e.obs_indices) for i in range(n)]
     envs: list[VecEnv] = []
@@ -165,7 +167,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
 
     learner = Learner(algo, replay, limiter, store, recorder, device, config.learner.batch_size,
                       config.learner.publish_every, config.learner.max_updates_per_call,
-                      importance_exponent, config.learner.max_nonfinite_in_a_row)
+                      importance_exponent, config.learner.max_nonfinite_in_a_row,
+                      config.learner.flush_denormal)
     return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner, remote)
 
 
@@ -230,7 +233,7 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
                                spec.action_dtype, data.extras)
 
     learner = TrajectoryLearner(algo, queue, store, recorder, device, batch, publish_every,
-                                config.learner.max_nonfinite_in_a_row)
+                                config.learner.max_nonfinite_in_a_row, config.learner.flush_denormal)
     learner.acting_waits = data.wait_for_learner
     actors: list[Actor | ProcessActor] = []
     remote = None
