@@ -3,7 +3,8 @@ the Pendulum-v1 preset they train on out of the box, and acting's warm-up and bo
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,3 +69,30 @@ class ContinuousActorCritic:
     def within_bounds(self, actions: np.ndarray) -> np.ndarray:
         """tanh(u) * scale + centre can land a rounding error outside the bounds; noise more."""
         return np.clip(actions, self.spec.action_low, self.spec.action_high).astype(np.float32, copy=False)
+
+
+def both(first: Callable[[], None], second: Callable[[], None], parallel: bool) -> None:
+    """``first()`` and ``second()``; with ``parallel``, ``first`` in a new thread meanwhile (torch
+    releases the GIL inside its ops, so two CPU cores work on one update). A new thread per call,
+    joined before returning: ~0.1 ms, and nothing left running between updates. An error in
+    either is raised here."""
+    if not parallel:
+        first()
+        second()
+        return
+    failed: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            first()
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run_first, name="asyncrl-sac-critic", daemon=True)
+    thread.start()
+    try:
+        second()
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]

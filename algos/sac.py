@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from algos.continuous import ContinuousActorCritic, ContinuousConfig, pendulum_preset
+from algos.continuous import ContinuousActorCritic, ContinuousConfig, both, pendulum_preset
 from algos.nets import TwinCritic, action_bounds, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
@@ -32,6 +32,10 @@ class SACConfig(ContinuousConfig):
         True, description="Learn the temperature so that the policy's entropy tracks target_entropy.")
     target_entropy: float | None = Field(
         None, description="Entropy the temperature aims at; None: minus the action dimension.")
+    parallel_losses: bool = Field(
+        True, description="On a CPU learner with one torch thread: the critic loss and its gradient "
+        "in a second thread while the policy's run in this one (their gradients are disjoint: the "
+        "same numbers), so an update uses two cores (~1.5x faster here).")
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -124,39 +128,63 @@ class SAC(ContinuousActorCritic):
         return self.log_alpha.detach().exp()
 
     @torch.no_grad()
-    def critic_target(self, batch: TransitionBatch) -> torch.Tensor:
-        """r + discount * (min of the target critics - alpha * log-prob) at a fresh policy action."""
-        next_action, next_log_prob = self.actor.sample(batch.next_obs)
+    def critic_target(self, batch: TransitionBatch, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """r + discount * (min of the target critics - alpha * log-prob) at a fresh policy action
+        (``noise``: the policy's standard-normal draw, else a new one)."""
+        next_action, next_log_prob = self.actor.sample(batch.next_obs, noise)
         next_q = self.target_critic(batch.next_obs, next_action).min(dim=0).values
         return batch.rewards + batch.discounts * (next_q - self.alpha * next_log_prob)
 
-    def policy_loss(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def critic_loss(self, batch: TransitionBatch, noise: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the twin critics' squared TD loss, their values, the TD errors), both ``(2, batch)``."""
+        target = self.critic_target(batch, noise)
+        q = self.critic(batch.obs, batch.actions)
+        td_error = target - q
+        return (batch.weights * td_error.pow(2)).mean(dim=1).sum(), q, td_error
+
+    def policy_loss(self, obs: torch.Tensor, noise: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(policy loss, log-probs). The critics are read through detached weights: the policy
         loss trains the policy alone."""
-        action, log_prob = self.actor.sample(obs)
+        action, log_prob = self.actor.sample(obs, noise)
         q_policy = self.critic(obs, action, frozen=True).min(dim=0).values
         return (self.alpha * log_prob - q_policy).mean(), log_prob
 
-    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        target = self.critic_target(batch)
-        q = self.critic(batch.obs, batch.actions)  # (2, batch)
-        td_error = target - q
-        critic_loss = (batch.weights * td_error.pow(2)).mean(dim=1).sum()
-        actor_loss, log_prob = self.policy_loss(batch.obs)
-        loss = critic_loss + actor_loss
-        if self.config.autotune_alpha:
-            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-            loss = loss + alpha_loss
-        metrics = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
-                   "alpha": self.alpha, "entropy": -log_prob.detach().mean(),
-                   "q_values": q.detach().mean()}
-        return loss, metrics, td_error.detach().abs().mean(dim=0)
+    def temperature_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
+        if not self.config.autotune_alpha:
+            return torch.zeros(())
+        return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
-        loss, metrics, priorities = self.loss(batch)
+        """The critic, policy and temperature gradients, then one optimizer step. The losses
+        train disjoint parameters (the targets are computed without gradient, the policy loss
+        reads the critics detached, the temperature's the log-probs), so the critic's half and
+        the policy's half may run on two threads with the same results; the policy noise is
+        drawn here first, in one order, so that a seed repeats either way."""
+        shape = (len(batch.obs), *self.spec.action_shape)
+        next_noise = torch.randn(shape, device=self.device)
+        noise = torch.randn(shape, device=self.device)
+        alpha = self.alpha  # the temperature the losses use, before the step moves it
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out: dict[str, torch.Tensor] = {}
+
+        def critic_half() -> None:
+            out["critic_loss"], out["q"], out["td_error"] = self.critic_loss(batch, next_noise)
+            out["critic_loss"].backward()
+
+        def policy_half() -> None:
+            out["actor_loss"], out["log_prob"] = self.policy_loss(batch.obs, noise)
+            (out["actor_loss"] + self.temperature_loss(out["log_prob"])).backward()
+
+        parallel = (self.config.parallel_losses and self.device.type == "cpu"
+                    and torch.get_num_threads() == 1)
+        both(critic_half, policy_half, parallel)
         self.optimizer.step()
+        metrics = {"critic_loss": out["critic_loss"].detach(), "actor_loss": out["actor_loss"].detach(),
+                   "alpha": alpha, "entropy": -out["log_prob"].detach().mean(),
+                   "q_values": out["q"].detach().mean()}
+        priorities = out["td_error"].detach().abs().mean(dim=0)
         self.updates += 1
         if self.updates % self.config.target_update_period == 0:
             with torch.no_grad():

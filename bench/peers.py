@@ -14,7 +14,10 @@ Figures are medians over repeats.
   ``model._n_updates`` (for PPO, times the minibatches per epoch: gradient steps).
 - asyncrl: ``env_steps / train_wall_s`` of ``Trainer.run()``, training only: no evaluation or
   checkpoint during the run, and ``train_wall_s`` stops before the final ones. It does count the
-  run's start (spawning the actor worker, which imports torch and EnvPool: seconds on 2 cores).
+  run's start (building the networks, starting the actor worker), which SB3's figure does not.
+- steady: both sides' env steps/s over the second half of each run (SB3: a callback stamps the
+  step that crosses half way; asyncrl: the metrics rows, one per tenth of the run), where the
+  start (and the warm-up before learning) is behind both.
 
 SAC on Pendulum-v1 is matched too: one env each side, [256, 256] networks, batch 256, lr 1e-3,
 100 random steps, one update per env step.
@@ -37,12 +40,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from asyncrl import registry
 from asyncrl.config import build_config
+from asyncrl.metrics import read_jsonl
 from asyncrl.trainer import Trainer
 
 # Stable-Baselines3 is imported inside the builders: asyncrl's actor workers are spawned and
@@ -157,30 +162,50 @@ MEASURE_ONLY = ("train.eval_every=1000000000", "train.checkpoint_every=100000000
 # --- one measured run of each side --------------------------------------------------------------
 
 
-def run_sb3(workload: Workload, steps: int, threads: int, seed: int) -> tuple[float, float]:
+def run_sb3(workload: Workload, steps: int, threads: int, seed: int) -> tuple[float, float, float]:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class HalfWay(BaseCallback):
+        """Stamps the time and step count when the run crosses half of its steps."""
+        stamp: tuple[float, int] | None = None
+
+        def _on_step(self) -> bool:
+            if self.stamp is None and self.num_timesteps >= steps // 2:
+                self.stamp = (time.perf_counter(), self.num_timesteps)
+            return True
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model = workload.sb3_model(seed)
+        half = HalfWay()
         start = time.perf_counter()
-        model.learn(total_timesteps=steps)
-        wall = time.perf_counter() - start
+        model.learn(total_timesteps=steps, callback=half)
+        end = time.perf_counter()
         updates = workload.sb3_updates(model)
         model.get_env().close()
     finally:
         torch.set_num_threads(before)
-    return model.num_timesteps / wall, updates / wall
+    wall = end - start
+    t_half, n_half = half.stamp or (start, 0)
+    return model.num_timesteps / wall, updates / wall, (model.num_timesteps - n_half) / (end - t_half)
 
 
 def run_asyncrl(workload: Workload, variant: Variant, steps: int, threads: int,
-                seed: int) -> tuple[float, float]:
+                seed: int) -> tuple[float, float, float]:
     overrides = [*MEASURE_ONLY, f"train.total_env_steps={steps}", f"train.seed={seed}",
-                 f"learner.torch_threads={threads}", *variant.overrides]
+                 f"learner.torch_threads={threads}", f"train.log_every={max(1, steps // 10)}",
+                 *variant.overrides]
     config = build_config(registry.get(workload.algo).preset, overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         result = asyncio.run(Trainer(config, run_dir=run_dir).run())
+        rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "charts/updates" in r]
     wall = result["train_wall_s"]
-    return result["env_steps"] / wall, result["updates"] * variant.gradient_steps_per_update / wall
+    half = next(r for r in rows if r["env_steps"] >= steps // 2)
+    last = max(rows, key=lambda r: r["env_steps"])
+    steady = (last["env_steps"] - half["env_steps"]) / max(last["wall_s"] - half["wall_s"], 1e-9)
+    return (result["env_steps"] / wall, result["updates"] * variant.gradient_steps_per_update / wall,
+            steady)
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -195,13 +220,13 @@ class Row:
     steps: int
     threads: int = 1
     probe: dict[int, float] | None = None  # slower probe's env steps/s at each thread count
-    runs: list[tuple[float, float]] = field(default_factory=list)  # (env steps/s, updates/s)
+    runs: list[tuple[float, float, float]] = field(default_factory=list)  # (env steps/s, updates/s, steady env steps/s)
 
     @property
     def label(self) -> str:
         return self.variant.label if self.variant else self.workload.sb3_label
 
-    def measure(self, steps: int, threads: int, seed: int) -> tuple[float, float]:
+    def measure(self, steps: int, threads: int, seed: int) -> tuple[float, float, float]:
         if self.variant is None:
             return run_sb3(self.workload, steps, threads, seed)
         return run_asyncrl(self.workload, self.variant, steps, threads, seed)
@@ -235,17 +260,20 @@ def pick_threads(rows: list[Row], probe_steps: int, fixed: int | None) -> None:
 
 
 def print_table(rows: list[Row], repeats: int) -> None:
-    print(f"\nenv steps/s and updates/s, median of {repeats} interleaved repeats")
-    print(f"{'setting':<46} {'threads':>7} {'env steps/s':>12} {'updates/s':>10} {'asyncrl/SB3':>12}")
+    print(f"\nenv steps/s and updates/s over whole runs, and env steps/s over their second halves "
+          f"(steady), median of {repeats} interleaved repeats")
+    print(f"{'setting':<46} {'threads':>7} {'env steps/s':>12} {'updates/s':>10} {'asyncrl/SB3':>12} "
+          f"{'steady':>8} {'asyncrl/SB3':>12}")
     workload = None
     for row in rows:
         if row.workload is not workload:
             workload = row.workload
             print(workload.name)
-            sb3_sps = row.median(0)
+            sb3_sps, sb3_steady = row.median(0), row.median(2)
         ratio = "" if row.variant is None else f"{row.median(0) / sb3_sps:.2f}x"
+        steady = "" if row.variant is None else f"{row.median(2) / sb3_steady:.2f}x"
         print(f"  {row.label:<44} {row.threads:>7} {row.median(0):>12,.0f} {row.median(1):>10,.0f} "
-              f"{ratio:>12}")
+              f"{ratio:>12} {row.median(2):>8,.0f} {steady:>12}")
 
 
 def threads_arg(value: str) -> str | int:
@@ -295,7 +323,7 @@ def main() -> None:
         for row in rows:
             row.runs.append(row.measure(row.steps, row.threads, repeat + 1))
             print(f"  repeat {repeat + 1}/{args.repeats}: {row.label}: {row.runs[-1][0]:,.0f} env "
-                  f"steps/s", flush=True)
+                  f"steps/s ({row.runs[-1][2]:,.0f} steady)", flush=True)
     print_table(rows, args.repeats)
 
     if args.json:
@@ -307,7 +335,9 @@ def main() -> None:
                       "side": "sb3" if r.variant is None else "asyncrl", "env_steps": r.steps,
                       "threads": r.threads, "thread_probe_env_steps_per_s": r.probe,
                       "env_steps_per_s": [x[0] for x in r.runs], "updates_per_s": [x[1] for x in r.runs],
-                      "median_env_steps_per_s": r.median(0), "median_updates_per_s": r.median(1)}
+                      "steady_env_steps_per_s": [x[2] for x in r.runs],
+                      "median_env_steps_per_s": r.median(0), "median_updates_per_s": r.median(1),
+                      "median_steady_env_steps_per_s": r.median(2)}
                      for r in rows],
         }
         with open(args.json, "w") as f:
