@@ -26,6 +26,10 @@ class ContinuousConfig(BaseModel):
     tau: float = Field(0.005, gt=0, le=1, description="Polyak weight of the target networks' update.")
     random_steps: int = Field(
         5_000, ge=0, description="Env steps at the start with uniform random actions (warm-up).")
+    parallel_losses: bool = Field(
+        True, description="On a CPU learner with one torch thread: the critic loss and its gradient "
+        "in a second thread while the policy's run in this one (their gradients are disjoint: the "
+        "same numbers), so an update uses two cores.")
 
 
 def pendulum_preset(name: str, **algo: Any) -> dict[str, Any]:
@@ -48,6 +52,7 @@ class ContinuousActorCritic:
 
     spec: EnvSpec
     config: ContinuousConfig
+    device: torch.device
     actor: nn.Module
 
     @property
@@ -65,6 +70,13 @@ class ContinuousActorCritic:
             return None
         low, high = self.spec.action_low, self.spec.action_high
         return rng.uniform(low, high, size=(len(obs), *self.spec.action_shape)).astype(np.float32)
+
+    @property
+    def parallel_losses(self) -> bool:
+        """Whether an update's critic and policy halves run on two threads (see the config field);
+        never on CUDA (its ops queue asynchronously anyway) nor beside torch's own intra-op threads."""
+        return (self.config.parallel_losses and self.device.type == "cpu"
+                and torch.get_num_threads() == 1)
 
     def within_bounds(self, actions: np.ndarray) -> np.ndarray:
         """tanh(u) * scale + centre can land a rounding error outside the bounds; noise more."""

@@ -32,10 +32,6 @@ class SACConfig(ContinuousConfig):
         True, description="Learn the temperature so that the policy's entropy tracks target_entropy.")
     target_entropy: float | None = Field(
         None, description="Entropy the temperature aims at; None: minus the action dimension.")
-    parallel_losses: bool = Field(
-        True, description="On a CPU learner with one torch thread: the critic loss and its gradient "
-        "in a second thread while the policy's run in this one (their gradients are disjoint: the "
-        "same numbers), so an update uses two cores (~1.5x faster here).")
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -177,9 +173,7 @@ class SAC(ContinuousActorCritic):
             out["actor_loss"], out["log_prob"] = self.policy_loss(batch.obs, noise)
             (out["actor_loss"] + self.temperature_loss(out["log_prob"])).backward()
 
-        parallel = (self.config.parallel_losses and self.device.type == "cpu"
-                    and torch.get_num_threads() == 1)
-        both(critic_half, policy_half, parallel)
+        both(critic_half, policy_half, self.parallel_losses)
         self.optimizer.step()
         metrics = {"critic_loss": out["critic_loss"].detach(), "actor_loss": out["actor_loss"].detach(),
                    "alpha": alpha, "entropy": -out["log_prob"].detach().mean(),

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from algos.continuous import ContinuousActorCritic, ContinuousConfig, pendulum_preset
+from algos.continuous import ContinuousActorCritic, ContinuousConfig, both, pendulum_preset
 from algos.nets import TwinCritic, action_bounds, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
@@ -111,30 +111,43 @@ class TD3(ContinuousActorCritic):
         through detached weights: the policy loss trains the policy alone."""
         return -self.critic(obs, self.actor(obs), frozen=True)[0].mean()
 
-    def loss(self, batch: TransitionBatch, policy_step: bool) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+    def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the twin critics' squared TD loss, their values, the TD errors), both ``(2, batch)``."""
         target = self.critic_target(batch)
-        q = self.critic(batch.obs, batch.actions)  # (2, batch)
+        q = self.critic(batch.obs, batch.actions)
         td_error = target - q
-        loss = critic_loss = (batch.weights * td_error.pow(2)).mean(dim=1).sum()
-        if policy_step:
-            actor_loss = self.policy_loss(batch.obs)
-            loss = loss + actor_loss
-            self._actor_loss = actor_loss.detach()
-        metrics = {"critic_loss": critic_loss.detach(), "actor_loss": self._actor_loss,
-                   "q_values": q.detach().mean()}
-        return loss, metrics, td_error.detach().abs().mean(dim=0)
+        return (batch.weights * td_error.pow(2)).mean(dim=1).sum(), q, td_error
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
+        """The critic gradient every update, the policy's every ``policy_delay``, then one
+        optimizer step. The two train disjoint parameters (the target is computed without
+        gradient, the policy loss reads the critics detached), so on a policy step the halves
+        may run on two threads with the same results (only the critic's half draws noise)."""
         self.updates += 1
         policy_step = self.updates % self.config.policy_delay == 0
-        loss, metrics, priorities = self.loss(batch, policy_step)
         self.optimizer.zero_grad(set_to_none=True)  # the policy's gradients stay None between its steps
-        loss.backward()
+        out: dict[str, torch.Tensor] = {}
+
+        def critic_half() -> None:
+            out["critic_loss"], out["q"], out["td_error"] = self.critic_loss(batch)
+            out["critic_loss"].backward()
+
+        def policy_half() -> None:
+            actor_loss = self.policy_loss(batch.obs)
+            actor_loss.backward()
+            self._actor_loss = actor_loss.detach()
+
+        if policy_step:
+            both(critic_half, policy_half, self.parallel_losses)
+        else:
+            critic_half()
         self.optimizer.step()
         if policy_step:
             with torch.no_grad():
                 torch._foreach_lerp_(self._targets, self._onlines, self.config.tau)
-        return metrics, priorities
+        metrics = {"critic_loss": out["critic_loss"].detach(), "actor_loss": self._actor_loss,
+                   "q_values": out["q"].detach().mean()}
+        return metrics, out["td_error"].detach().abs().mean(dim=0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -224,12 +224,12 @@ def measure_learning_ceiling(config: Config, spec: EnvSpec, seconds: float, warm
 
     def step() -> None:
         nonlocal updates
-        with denormals_flushed(config.learner.flush_denormal):  # as the learner updates
-            algo.update(batch)
+        algo.update(batch)
         updates += 1
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    return _timed(step, lambda: updates, seconds, warmup_s, sync)
+    with denormals_flushed(config.learner.flush_denormal):  # as the learner updates
+        return _timed(step, lambda: updates, seconds, warmup_s, sync)
 
 
 async def measure_learner(config: Config, seconds: float, warmup_s: float, in_thread: bool) -> float:

@@ -20,7 +20,8 @@ Figures are medians over repeats.
   start (and the warm-up before learning) is behind both.
 
 SAC on Pendulum-v1 is matched too: one env each side, [256, 256] networks, batch 256, lr 1e-3,
-100 random steps, one update per env step.
+100 random steps, one update per env step; and on HalfCheetah-v5 with the MuJoCo settings (lr 3e-4,
+a 1M replay), 100 random steps.
 
 DQN on CartPole-v1 is the matched workload: SB3 steps one gymnasium env, asyncrl its preset's 8
 EnvPool envs, both with a [64, 64] network, batch 32 and one update per 4 env steps. A workload
@@ -103,6 +104,17 @@ def sb3_sac_pendulum(seed: int) -> Any:
                policy_kwargs=dict(net_arch=[256, 256]), seed=seed, device="cpu", verbose=0)
 
 
+def sb3_sac_halfcheetah(seed: int) -> Any:
+    """SAC's usual MuJoCo settings ([256, 256], batch 256, lr 3e-4, a 1M replay, an update per
+    env step), with 100 random steps instead of 10k: a throughput run, not a learning one."""
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+
+    return SAC("MlpPolicy", gym.make("HalfCheetah-v5"), learning_rate=3e-4, train_freq=1,
+               gradient_steps=1, batch_size=256, learning_starts=100, buffer_size=1_000_000,
+               policy_kwargs=dict(net_arch=[256, 256]), seed=seed, device="cpu", verbose=0)
+
+
 def sb3_updates(model: Any) -> int:
     return model._n_updates
 
@@ -122,6 +134,12 @@ SAC_MATCHED = ("env.id='Pendulum-v1'", "env.num_envs=1", "algo.hidden=[256, 256]
                "algo.random_steps=100", "learner.batch_size=256",
                "replay.samples_per_insert=256",  # 256 samples per insert: an update per env step
                "replay.min_size_to_sample=100")
+
+SAC_HALFCHEETAH_MATCHED = ("env.id='HalfCheetah-v5'", "env.num_envs=1", "algo.hidden=[256, 256]",
+                           "algo.actor_lr=3e-4", "algo.critic_lr=3e-4", "algo.alpha_lr=3e-4",
+                           "algo.random_steps=100", "learner.batch_size=256",
+                           "replay.samples_per_insert=256", "replay.capacity=1000000",
+                           "replay.min_size_to_sample=100")
 
 WORKLOADS = (
     Workload("DQN CartPole-v1, [64, 64], batch 32, an update per 4 env steps", "dqn", 30_000,
@@ -152,6 +170,11 @@ WORKLOADS = (
     Workload("SAC Pendulum-v1, [256, 256], batch 256, an update per env step", "sac", 5_000,
              "SB3 SAC, 1 gymnasium env", sb3_sac_pendulum, sb3_updates, (
                  Variant("asyncrl, 1 env", SAC_MATCHED),
+             )),
+    # Needs MuJoCo for gymnasium on SB3's side (the bench extra installs gymnasium[mujoco]).
+    Workload("SAC HalfCheetah-v5, [256, 256], batch 256, an update per env step", "sac", 3_000,
+             "SB3 SAC, 1 gymnasium env", sb3_sac_halfcheetah, sb3_updates, (
+                 Variant("asyncrl, 1 env", SAC_HALFCHEETAH_MATCHED),
              )),
 )
 

@@ -1,4 +1,5 @@
-"""What SAC and TD3 promise alike: their HalfCheetah configs start and train, and each reaches
+"""What SAC and TD3 promise alike: the critic's and the policy's halves of an update give the same
+numbers on two threads as on one, their HalfCheetah configs start and train, and each reaches
 -250 on Pendulum-v1 within 20k env steps (fixed seed, serial)."""
 
 from __future__ import annotations
@@ -7,16 +8,61 @@ import asyncio
 import math
 
 import pytest
+import torch
 
 from algos.sac import SAC
 from algos.td3 import TD3
 from asyncrl.config import build_config
 from asyncrl.trainer import Trainer
 
+from test_sac import SPEC, batch
+
 ALGOS = pytest.mark.parametrize("cls", [SAC, TD3], ids=["sac", "td3"])
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+def updated(cls, parallel: bool, updates: int = 4):
+    """A small ``cls`` after ``updates`` updates on fixed batches, and what each update returned."""
+    torch.manual_seed(0)
+    algo = cls(SPEC, cls.Config(hidden=[32, 32], parallel_losses=parallel), torch.device("cpu"))
+    return algo, [algo.update(batch(seed=i)) for i in range(updates)]
+
+
+@ALGOS
+def test_critic_and_policy_halves_on_two_threads_give_the_same_numbers(cls):
+    """parallel_losses only moves the critic's half of an update to a second thread: every
+    tensor of the state (networks, targets, optimizer moments), the metrics and the priorities
+    are bit-identical to running the halves in turn (four updates: TD3's delayed policy steps too)."""
+    (one, one_rows), (two, two_rows) = updated(cls, False), updated(cls, True)
+    assert two.parallel_losses and not one.parallel_losses
+
+    def tensors(state):
+        if isinstance(state, torch.Tensor):
+            return [state]
+        if isinstance(state, dict):
+            return [t for v in state.values() for t in tensors(v)]
+        return []
+
+    pairs = list(zip(tensors(one.state_dict()), tensors(two.state_dict())))
+    assert len(pairs) > 10 and all(torch.equal(a, b) for a, b in pairs)
+    for (m1, p1), (m2, p2) in zip(one_rows, two_rows):
+        assert torch.equal(p1, p2)
+        assert all(torch.equal(torch.as_tensor(m1[k]), torch.as_tensor(m2[k])) for k in m1)
+
+
+@ALGOS
+def test_an_error_in_the_critic_thread_reaches_the_caller(cls, monkeypatch):
+    algo = cls(SPEC, cls.Config(hidden=[32, 32], parallel_losses=True), torch.device("cpu"))
+    algo.updates = 1  # TD3: the next update is a policy step, which runs both halves
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("critic exploded")
+
+    monkeypatch.setattr(algo, "critic_loss", broken)
+    with pytest.raises(RuntimeError, match="critic exploded"):
+        algo.update(batch())
 
 
 @ALGOS

@@ -193,36 +193,6 @@ def test_state_dict_round_trip_resumes_identically():
     assert torch.equal(algo.log_alpha, twin.log_alpha)
 
 
-def test_critic_and_policy_halves_on_two_threads_give_the_same_numbers():
-    """parallel_losses only moves the critic's half of an update to a second thread: the
-    parameters, metrics and priorities are bit-identical to running the halves in turn."""
-    results = []
-    for parallel in (False, True):
-        torch.manual_seed(0)
-        algo = SAC(SPEC, SACConfig(hidden=[32, 32], parallel_losses=parallel), CPU)
-        rows = [algo.update(batch(seed=i)) for i in range(4)]
-        results.append((algo, rows))
-    (one, one_rows), (two, two_rows) = results
-    for a, b in zip([*one.actor.parameters(), *one.critic.parameters(), *one.target_critic.parameters(),
-                     one.log_alpha], [*two.actor.parameters(), *two.critic.parameters(),
-                                      *two.target_critic.parameters(), two.log_alpha]):
-        assert torch.equal(a, b)
-    for (m1, p1), (m2, p2) in zip(one_rows, two_rows):
-        assert torch.equal(p1, p2)
-        assert all(torch.equal(torch.as_tensor(m1[k]), torch.as_tensor(m2[k])) for k in m1)
-
-
-def test_an_error_in_the_critic_thread_reaches_the_caller(monkeypatch):
-    algo = SAC(SPEC, SACConfig(hidden=[32, 32], parallel_losses=True), CPU)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("critic exploded")
-
-    monkeypatch.setattr(algo, "critic_loss", broken)
-    with pytest.raises(RuntimeError, match="critic exploded"):
-        algo.update(batch())
-
-
 def test_discrete_and_unbounded_action_spaces_are_refused():
     discrete = EnvSpec("d", (4,), np.dtype(np.float32), "discrete", 2, ())
     with pytest.raises(ValueError, match="continuous"):
