@@ -100,7 +100,7 @@ def both(first: Callable[[], None], second: Callable[[], None], parallel: bool) 
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             failed.append(exc)
 
-    thread = threading.Thread(target=run_first, name="asyncrl-sac-critic", daemon=True)
+    thread = threading.Thread(target=run_first, name="asyncrl-critic-half", daemon=True)
     thread.start()
     try:
         second()
