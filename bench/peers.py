@@ -170,11 +170,14 @@ WORKLOADS = (
     Workload("SAC Pendulum-v1, [256, 256], batch 256, an update per env step", "sac", 5_000,
              "SB3 SAC, 1 gymnasium env", sb3_sac_pendulum, sb3_updates, (
                  Variant("asyncrl, 1 env", SAC_MATCHED),
+                 Variant("asyncrl, 1 env, inline actor", (*SAC_MATCHED, "actors.placement='inline'")),
              )),
     # Needs MuJoCo for gymnasium on SB3's side (the bench extra installs gymnasium[mujoco]).
     Workload("SAC HalfCheetah-v5, [256, 256], batch 256, an update per env step", "sac", 3_000,
              "SB3 SAC, 1 gymnasium env", sb3_sac_halfcheetah, sb3_updates, (
                  Variant("asyncrl, 1 env", SAC_HALFCHEETAH_MATCHED),
+                 Variant("asyncrl, 1 env, inline actor",
+                         (*SAC_HALFCHEETAH_MATCHED, "actors.placement='inline'")),
              )),
 )
 
