@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 
 import pytest
 import torch
@@ -50,6 +51,24 @@ def test_critic_and_policy_halves_on_two_threads_give_the_same_numbers(cls):
     for (m1, p1), (m2, p2) in zip(one_rows, two_rows):
         assert torch.equal(p1, p2)
         assert all(torch.equal(torch.as_tensor(m1[k]), torch.as_tensor(m2[k])) for k in m1)
+
+
+@ALGOS
+@pytest.mark.parametrize("parallel", [True, False])
+def test_the_critic_half_runs_on_its_own_thread_only_when_asked(cls, parallel, monkeypatch):
+    algo = cls(SPEC, cls.Config(hidden=[32, 32], parallel_losses=parallel), torch.device("cpu"))
+    real, threads = algo.critic_loss, []
+
+    def critic_loss(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(algo, "critic_loss", critic_loss)
+    for i in range(2):  # TD3's second update is a policy step
+        algo.update(batch(seed=i))
+    policy_step = threads[-1]
+    assert (policy_step is not threading.current_thread()) == parallel
+    assert not any(t.is_alive() for t in threads if t is not threading.current_thread())
 
 
 @ALGOS
