@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from algos.nets import Widths
-from asyncrl.core import EnvSpec, TransitionData
+from asyncrl.core import EnvSpec, TransitionBatch, TransitionData
 
 
 class ContinuousConfig(BaseModel):
@@ -54,6 +54,7 @@ class ContinuousActorCritic:
     config: ContinuousConfig
     device: torch.device
     actor: nn.Module
+    critic: nn.Module
 
     @property
     def data(self) -> TransitionData:
@@ -70,6 +71,14 @@ class ContinuousActorCritic:
             return None
         low, high = self.spec.action_low, self.spec.action_high
         return rng.uniform(low, high, size=(len(obs), *self.spec.action_shape)).astype(np.float32)
+
+    def td_loss(self, target: torch.Tensor, batch: TransitionBatch
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the twin critics' squared TD loss toward ``target``, their values, the TD errors),
+        both ``(2, batch)``."""
+        q = self.critic(batch.obs, batch.actions)
+        td_error = target - q
+        return (batch.weights * td_error.pow(2)).mean(dim=1).sum(), q, td_error
 
     @property
     def parallel_losses(self) -> bool:

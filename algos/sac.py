@@ -134,10 +134,7 @@ class SAC(ContinuousActorCritic):
     def critic_loss(self, batch: TransitionBatch, noise: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the twin critics' squared TD loss, their values, the TD errors), both ``(2, batch)``."""
-        target = self.critic_target(batch, noise)
-        q = self.critic(batch.obs, batch.actions)
-        td_error = target - q
-        return (batch.weights * td_error.pow(2)).mean(dim=1).sum(), q, td_error
+        return self.td_loss(self.critic_target(batch, noise), batch)
 
     def policy_loss(self, obs: torch.Tensor, noise: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +146,7 @@ class SAC(ContinuousActorCritic):
 
     def temperature_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
         if not self.config.autotune_alpha:
-            return torch.zeros(())
+            return torch.zeros((), device=self.device)
         return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:

@@ -113,10 +113,7 @@ class TD3(ContinuousActorCritic):
 
     def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the twin critics' squared TD loss, their values, the TD errors), both ``(2, batch)``."""
-        target = self.critic_target(batch)
-        q = self.critic(batch.obs, batch.actions)
-        td_error = target - q
-        return (batch.weights * td_error.pow(2)).mean(dim=1).sum(), q, td_error
+        return self.td_loss(self.critic_target(batch), batch)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
         """The critic gradient every update, the policy's every ``policy_delay``, then one
