@@ -530,9 +530,13 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     return key, values
 
 
-def command(args: argparse.Namespace, console: Console) -> int:
-    """``python -m asyncrl bench``: tables on ``console``; bad input raises ConfigError."""
-    from asyncrl.cli import _install_loop_factory, resolve_config
+def command(args: argparse.Namespace, console: Console,
+            loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
+    """``python -m asyncrl bench``: tables on ``console``, its runs in loops made by
+    ``loop_factory`` (asyncio's own when None); bad input raises ConfigError."""
+
+    def resolve_config(ns: argparse.Namespace) -> Config:
+        return registry.resolve_config(ns.algo, ns.config, ns.env, ns.set)
 
     if not args.seconds > 0:
         raise ConfigError(f"--seconds must be > 0, got {args.seconds}")
@@ -566,7 +570,7 @@ def command(args: argparse.Namespace, console: Console) -> int:
     logger.setLevel(logging.WARNING)  # the trainer's run-directory and checkpoint lines
     results = []
     try:
-        with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             for value, config in configs:
                 if value is not None:
                     console.rule(f"{key} = {value}")

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             from asyncrl import bench
-            return bench.command(args, console)
+            return bench.command(args, console, loop_factory=_install_loop_factory())
         config = resolve_config(args)
         with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
             result = runner.run(_run(args, config, console, seen))

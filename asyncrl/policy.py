@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +18,7 @@ from asyncrl.checkpoint import CheckpointError
 from asyncrl.config import Config, ConfigError, read_file, validate
 from asyncrl.actor import EnvStates, act_with_state
 from asyncrl.core import Algorithm, EnvSpec, acting_copy, actor_state_spec
-
-if TYPE_CHECKING:
-    from asyncrl.trainer import Trainer
+from asyncrl.weights import WeightStore
 
 
 def spec_to_dict(spec: EnvSpec) -> dict[str, Any]:
@@ -94,10 +93,12 @@ class Policy:
 class LivePolicy(Policy):
     """The policy a trainer is learning, refreshed from its weight store whenever a newer version
     was published (the store's seqlock read: the learner never waits for it). It binds to the
-    trainer's networks at its first call, which must come once ``run()`` has built them."""
+    trainer's networks at its first call, which must come once ``run()`` has built them.
+    ``parts`` returns the trainer's algorithm, env spec and weight store, or None before they
+    exist."""
 
-    def __init__(self, trainer: Trainer):
-        self._trainer = trainer
+    def __init__(self, parts: Callable[[], tuple[Algorithm, EnvSpec, WeightStore] | None]):
+        self._parts = parts
         self._bind_lock = threading.Lock()
         self._store = None
         self.version = -1
@@ -111,12 +112,13 @@ class LivePolicy(Policy):
         with self._bind_lock:
             if self._store is not None:
                 return
-            c = self._trainer.c
-            if c is None:
+            parts = self._parts()
+            if parts is None:
                 raise RuntimeError("the trainer has not built its networks yet: "
                                    "call the policy once run() has started")
-            super().__init__(c.algo, acting_copy(c.algo), c.spec, version=-1)
-            self._store = c.store  # last: other threads take it as "bound"
+            algo, spec, store = parts
+            super().__init__(algo, acting_copy(algo), spec, version=-1)
+            self._store = store  # last: other threads take it as "bound"
 
     def _refresh(self) -> None:
         version = self._store.pull(self.network, self.version)

@@ -316,7 +316,7 @@ class Trainer:
         refreshed from the weight store whenever the learner published newer weights. Thread-safe
         and safe while training runs (the store's lock-free read never holds the learner up).
         Callable once ``run()`` has started, and after it ended (the final weights)."""
-        return LivePolicy(self)
+        return LivePolicy(lambda: (self.c.algo, self.c.spec, self.c.store) if self.c else None)
 
     def stop(self) -> None:
         """Ask the run to end: actors and learner finish their batch, then final eval/checkpoint."""
