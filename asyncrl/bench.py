@@ -19,6 +19,8 @@ step, whose action is ignored) is not one. Ratios: acting / env ceiling (what in
 and the hand-offs cost acting), learner / learning ceiling (what sampling, copying and hand-offs
 cost learning), and overlap efficiency = end-to-end env steps/s / min(acting env steps/s,
 learner updates/s x inserts per update): how close the whole run gets to its slower side alone.
+Where acting waits for each update (PPO's policy lag 0) the two cannot overlap, and the bound is
+their series rate instead, 1 / (1 / acting + 1 / (learner x env steps per update)).
 
 The algorithm is touched only through the :class:`~asyncrl.core.Algorithm` protocol: its
 constructor and ``update`` on a synthetic batch. On-policy data (trajectories through the
@@ -119,10 +121,12 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     # Where the learner's updates run, as the trainer would run them.
     learner_runs = "serial" if config.train.mode == "serial" else "thread" if where == "inline" else "loop"
     data = make_algo(config, spec, torch.device("cpu")).data
-    per_update = (_batch_size(config, data) * data.length if isinstance(data, TrajectoryData)
+    on_policy = isinstance(data, TrajectoryData)
+    per_update = (_batch_size(config, data) * data.length if on_policy
                   else None)  # on-policy: every trajectory step is used once
-    return summarize(config, runs, per_update, device=str(device), placement=where,
-                     learner_runs=learner_runs, seconds=seconds, warmup_s=warmup_s)
+    return summarize(config, runs, per_update, in_turns=on_policy and data.wait_for_learner,
+                     device=str(device), placement=where, learner_runs=learner_runs,
+                     seconds=seconds, warmup_s=warmup_s)
 
 
 def run_bench(config: Config, **kwargs: Any) -> dict[str, Any]:
@@ -131,16 +135,24 @@ def run_bench(config: Config, **kwargs: Any) -> dict[str, Any]:
 
 
 def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: float | None = None,
-              **context: Any) -> dict[str, Any]:
+              in_turns: bool = False, **context: Any) -> dict[str, Any]:
     """Medians, spreads and ratios of raw per-repeat figures. ``inserts_per_update``: env steps
-    one update consumes (default: from the replay's samples per insert)."""
+    one update consumes, given for on-policy data (default: from the replay's samples per
+    insert, off-policy). ``in_turns``: acting
+    waits for each update (PPO's policy lag 0), so acting and learning cannot overlap and the
+    whole run's bound is their series rate, 1 / (1 / acting + 1 / learner), not the slower one."""
     figures = {name: {"unit": FIGURES[name][1], "runs": values, "median": statistics.median(values),
                       "min": min(values), "max": max(values)} for name, values in runs.items()}
     median = {name: f["median"] for name, f in figures.items()}
-    if inserts_per_update is None:
+    on_policy = inserts_per_update is not None  # only trajectory data says what an update takes
+    if not on_policy:
         inserts_per_update = config.learner.batch_size / config.replay.samples_per_insert
     learner_env_steps = median["learner"] * inserts_per_update  # env steps/s the learner could serve
-    bound = min(median["acting"], learner_env_steps)
+    if in_turns:
+        bound = 1.0 / (1.0 / median["acting"] + 1.0 / learner_env_steps) if min(
+            median["acting"], learner_env_steps) > 0 else 0.0
+    else:
+        bound = min(median["acting"], learner_env_steps)
     ratios = {
         "acting_over_env_ceiling": _ratio(median["acting"], median["env_ceiling"]),
         "learner_over_learning_ceiling": _ratio(median["learner"], median["learning_ceiling"]),
@@ -156,10 +168,13 @@ def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: 
             "batch_size": e.actor_batch, "num_actors": config.actors.num_actors,
             "learner_batch": config.learner.batch_size,
             "samples_per_insert": config.replay.samples_per_insert, "mode": config.train.mode,
+            "on_policy": on_policy,
         },
         "figures": figures,
         "inserts_per_update": inserts_per_update,
         "learner_env_steps_per_s": learner_env_steps,
+        "in_turns": in_turns,
+        "bound_env_steps_per_s": bound,
         "slower_side": "acting" if median["acting"] <= learner_env_steps else "learner",
         "ratios": ratios,
         "config": config.to_dict(),
@@ -603,16 +618,20 @@ def render(result: dict[str, Any]) -> Group:
         f"{result['torch_threads']}; {result['seconds']:g} s per mode after {result['warmup_s']:g} s "
         f"warm-up, "
         f"{result['repeats']} repeat{'s, interleaved' if result['repeats'] > 1 else ''}\n",
-        f"env: {s['num_envs']} envs, batch {s['batch_size']} ({env_mode}), {actors}; learner batch "
-        f"{s['learner_batch']}, samples per insert {s['samples_per_insert']:g} "
-        f"({result['inserts_per_update']:g} inserts per update)")
+        f"env: {s['num_envs']} envs, batch {s['batch_size']} ({env_mode}), {actors}; " + (
+            f"{result['inserts_per_update']:g} env steps of trajectories per update, each used once"
+            + ("; acting waits for each update (policy lag 0)" if result.get("in_turns") else "")
+            if s.get("on_policy") else
+            f"learner batch {s['learner_batch']}, samples per insert {s['samples_per_insert']:g} "
+            f"({result['inserts_per_update']:g} inserts per update)"))
     where = {"thread": "in a thread", "loop": "in the loop", "serial": "serial steps"}[result["learner_runs"]]
     what = {
         "env_ceiling": "one pool, random actions",
         "acting": f"{actors} ({result['placement']}), inference + inserts, no learner",
         "learning_ceiling": "bare algo.update on one synthetic batch",
         "learner": f"engine learner {where}, synthetic replay, no actors",
-        "end_to_end_env_steps": f"Trainer at samples per insert {s['samples_per_insert']:g}",
+        "end_to_end_env_steps": ("Trainer" if s.get("on_policy") else
+                                 f"Trainer at samples per insert {s['samples_per_insert']:g}"),
         "end_to_end_updates": "",
     }
     table = Table(show_edge=False, pad_edge=False)
@@ -632,10 +651,17 @@ def render(result: dict[str, Any]) -> Group:
                    f"{_fmt(f['acting']['median'])} / {_fmt(f['env_ceiling']['median'])}{per_pool}")
     ratios.add_row("learner / learning ceiling", _fmt_ratio(r["learner_over_learning_ceiling"]),
                    f"{_fmt(f['learner']['median'])} / {_fmt(f['learning_ceiling']['median'])}")
-    ratios.add_row("overlap efficiency", _fmt_ratio(r["overlap_efficiency"]),
-                   f"{_fmt(f['end_to_end_env_steps']['median'])} / min(acting "
-                   f"{_fmt(f['acting']['median'])}, learner x {result['inserts_per_update']:g} = "
-                   f"{_fmt(result['learner_env_steps_per_s'])}): {bound}")
+    if result.get("in_turns"):  # acting and learning take turns: their series rate bounds the run
+        ratios.add_row("overlap efficiency", _fmt_ratio(r["overlap_efficiency"]),
+                       f"{_fmt(f['end_to_end_env_steps']['median'])} / {_fmt(result['bound_env_steps_per_s'])} "
+                       f"= 1 / (1 / acting {_fmt(f['acting']['median'])} + 1 / (learner x "
+                       f"{result['inserts_per_update']:g} = {_fmt(result['learner_env_steps_per_s'])})): "
+                       "acting and learning take turns")
+    else:
+        ratios.add_row("overlap efficiency", _fmt_ratio(r["overlap_efficiency"]),
+                       f"{_fmt(f['end_to_end_env_steps']['median'])} / min(acting "
+                       f"{_fmt(f['acting']['median'])}, learner x {result['inserts_per_update']:g} = "
+                       f"{_fmt(result['learner_env_steps_per_s'])}): {bound}")
     return Group(header, table, Text(""), ratios, Text(""))
 
 

@@ -4,6 +4,7 @@ No timing assertions: the figures only have to be real (finite, positive)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import multiprocessing
@@ -16,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from algos.dqn import DQN
-from asyncrl import cli
-from asyncrl.bench import FIGURES, RATIOS, parse_sweep, run_bench
+from asyncrl import cli, registry
+from asyncrl.bench import FIGURES, RATIOS, parse_sweep, render, run_bench
 from asyncrl.config import ConfigError, build_config
 
 SHORT = ["replay.min_size_to_sample=500"]  # the end-to-end learner starts sooner
@@ -128,3 +130,50 @@ def test_bad_sweep_exits_2_with_one_line(bad_sweep_runs, name):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and BAD_SWEEPS[name][1] in lines[0]
+
+
+# algo: overrides that let its end-to-end learner start within a brief bench
+OTHER_ALGOS = {
+    "ppo": [],
+    "impala": [],
+    "sac": ["replay.min_size_to_sample=256", "actors.placement='inline'"],
+}
+
+
+@pytest.fixture(scope="module")
+def measured_others() -> dict[str, dict]:
+    return {name: run_bench(build_config(registry.get(name).preset, overrides=over), warmup_s=0.2, **BRIEF)
+            for name, over in OTHER_ALGOS.items()}
+
+
+@pytest.mark.parametrize("name", OTHER_ALGOS)
+def test_other_algorithms_bench_with_finite_figures(measured_others, name):
+    result = measured_others[name]
+    for mode, figure in result["figures"].items():
+        assert math.isfinite(figure["median"]) and figure["median"] > 0, (name, mode)
+    for ratio in RATIOS:
+        assert math.isfinite(result["ratios"][ratio]) and result["ratios"][ratio] > 0, (name, ratio)
+    assert result["summary"]["on_policy"] == (name != "sac")
+    assert not multiprocessing.active_children()
+
+
+def test_acting_that_waits_for_each_update_is_bounded_by_the_series_rate(measured_others):
+    # PPO's actors wait for every update, so the whole run can at best do acting's and the
+    # learner's work one after the other; IMPALA's overlap, so the slower side bounds it.
+    for name, in_turns in (("ppo", True), ("impala", False)):
+        result = measured_others[name]
+        median = {mode: figure["median"] for mode, figure in result["figures"].items()}
+        acting, learning = median["acting"], median["learner"] * result["inserts_per_update"]
+        bound = 1 / (1 / acting + 1 / learning) if in_turns else min(acting, learning)
+        assert result["in_turns"] is in_turns, name
+        assert result["bound_env_steps_per_s"] == pytest.approx(bound), name
+        assert result["ratios"]["overlap_efficiency"] == pytest.approx(median["end_to_end_env_steps"] / bound)
+    ppo = measured_others["ppo"]
+    assert ppo["inserts_per_update"] == 8 * 32  # every env's 32-step trajectory, each step once
+    assert "acting waits for each update" in cli_render(ppo)
+
+
+def cli_render(result: dict) -> str:
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render(result))
+    return console.export_text()
