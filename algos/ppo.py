@@ -14,13 +14,15 @@ terminated episode bootstraps with 0, a truncated one with the value of its fina
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.func import functional_call, grad
 
+from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
 from algos.nets import ActorCritic, Widths
 from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
 
@@ -46,6 +48,11 @@ class PPOConfig(BaseModel):
         None, gt=0, description="Stop a rollout's epochs early once the approximate KL exceeds this.")
     hidden: Widths = Field([64, 64], description="MLP widths (vector observations).")
     init_log_std: float = Field(0.0, description="Continuous actions: initial log standard deviation.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each gradient step (forward, losses, gradient, clipping, Adam): "
+        "about twice the gradient steps/s for small networks on a CPU, for seconds of compiling at "
+        "the first update (falls back to eager, with a warning, where compiling fails).")
 
 
 # --- the maths --------------------------------------------------------------------------------
@@ -69,11 +76,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, t
 def log_prob_entropy(net: ActorCritic, params: torch.Tensor, actions: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``actions`` and the entropy, from logits or a Gaussian mean."""
-    if net.log_std is None:
+    return _log_prob_entropy(net.log_std, params, actions)
+
+
+def _log_prob_entropy(log_std: torch.Tensor | None, params: torch.Tensor, actions: torch.Tensor,
+                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if log_std is None:
         log_probs = torch.log_softmax(params, dim=-1)
         chosen = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-        return chosen, -(log_probs.exp() * log_probs).sum(-1)
-    log_std = net.log_std.expand_as(params)
+        return chosen, -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    log_std = log_std.expand_as(params)
     z = (actions - params) / log_std.exp()
     log_prob = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
     entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
@@ -92,7 +104,7 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
         else:  # Gumbel-max: a categorical sample from numpy's generator
             noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32))
             choice = (params + noise).argmax(-1)
-        log_prob, _ = log_prob_entropy(net, params, choice)
+        log_prob, _ = _log_prob_entropy(None, params, choice, with_entropy=False)  # acting needs no entropy
         return choice.numpy(), {"log_prob": log_prob.numpy()}
     raw = params
     if not greedy:
@@ -101,6 +113,67 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
     log_prob, _ = log_prob_entropy(net, params, raw)
     actions = np.clip(raw.numpy(), spec.action_low, spec.action_high)
     return actions, {"log_prob": log_prob.numpy(), "raw_action": raw.numpy()}
+
+
+def _masked_mean(x: torch.Tensor, weights: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return (x * weights).sum() / count
+
+
+def _gradient_step(spec: EnvSpec, config: PPOConfig) -> Callable:
+    """One gradient step as a function of tensors (see algos/functional.py), for torch.compile.
+    Its rows have a fixed shape: every row of a rollout, ``weights`` 0 on those that are no
+    transitions (EnvPool's reset steps), or one gathered minibatch with weights 1. The losses are
+    weighted means, so they equal the eager update's means over the rows it keeps."""
+    action_dim = spec.action_shape[0] if spec.action_kind == "continuous" else 0
+    net = template(("ppo", spec.obs_shape, spec.num_actions, action_dim, tuple(config.hidden)),
+                   lambda: ActorCritic(spec.obs_shape, spec.num_actions, action_dim, config.hidden))
+    names = [name for name, _ in net.named_parameters()]
+    c = config
+
+    def step(params: list[torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
+             old_log_probs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+             old_values: torch.Tensor, weights: torch.Tensor, state: tuple[list[torch.Tensor], ...],
+             lr: torch.Tensor) -> Metrics:
+        count = weights.sum()
+
+        def forward(ps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            bound = dict(zip(names, ps))
+            head, value = functional_call(net, bound, (obs,))
+            log_prob, entropy = _log_prob_entropy(bound.get("log_std"), head, actions)
+            return value, log_prob, entropy
+
+        def total_loss(ps: list[torch.Tensor]):
+            value, log_prob, entropy = forward(ps)
+            log_ratio = log_prob - old_log_probs
+            ratio = log_ratio.exp()
+            adv = advantages
+            if c.normalize_advantages:
+                mean = _masked_mean(adv, weights, count)
+                std = ((((adv - mean) ** 2) * weights).sum() / (count - 1)).sqrt()
+                adv = (adv - mean) / (std + 1e-8)
+            policy_loss = _masked_mean(torch.max(-adv * ratio,
+                                                 -adv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)),
+                                       weights, count)
+            if c.clip_value:
+                clipped = old_values + (value - old_values).clamp(-c.clip_coef, c.clip_coef)
+                value_loss = 0.5 * _masked_mean(torch.max((value - returns) ** 2, (clipped - returns) ** 2),
+                                                weights, count)
+            else:
+                value_loss = 0.5 * _masked_mean((value - returns) ** 2, weights, count)
+            entropy = _masked_mean(entropy, weights, count)
+            loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
+            with torch.no_grad():
+                metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
+                           "approx_kl": _masked_mean((ratio - 1) - log_ratio, weights, count),
+                           "clip_fraction": _masked_mean(((ratio - 1).abs() > c.clip_coef).float(),
+                                                         weights, count)}
+            return loss, {k: v.detach() for k, v in metrics.items()}
+
+        grads, metrics = grad(total_loss, has_aux=True)(params)
+        clip_and_adam_(params, grads, state, lr, 1e-5, c.max_grad_norm)
+        return metrics
+
+    return step
 
 
 # --- the algorithm ----------------------------------------------------------------------------
@@ -164,11 +237,33 @@ class PPO(ActorCriticLearner):
         "algo": {"name": "ppo", "lr": 1e-3, "anneal_env_steps": 100_000, "gamma": 0.98,
                  "gae_lambda": 0.8, "rollout_length": 32, "epochs": 10, "minibatch_size": 256,
                  "entropy_coef": 0.0, "clip_value": False},
-        "env": {"id": "CartPole-v1", "num_envs": 8},
+        # EnvPool on one thread: for 8 CartPole envs a batch's hand-off between two threads costs
+        # more than its steps (BENCHMARKS.md); the envs and their numbers are the same.
+        "env": {"id": "CartPole-v1", "num_envs": 8, "kwargs": {"num_threads": 1}},
         "actors": {"placement": "inline"},
         "train": {"total_env_steps": 100_000, "eval_every": 5_000, "eval_episodes": 20,
                   "target_return": 475.0},
     }
+
+    def __init__(self, spec: EnvSpec, config: PPOConfig, device: torch.device):
+        super().__init__(spec, config, device)
+        # Compiled (algos/functional.py), one graph does a gradient step's forward, losses,
+        # gradient, clipping and torch's own Adam step on the optimizer's own state.
+        self._compiled = CompiledStep(_gradient_step(spec, config), "PPO") if config.compile else None
+        self._param_views = [p.detach() for p in self._params]  # share storage with the module
+        self._lr = torch.tensor(self.learning_rate(), dtype=torch.float32, device=device)
+        if config.compile:
+            self._adam_state = adam_state(self.optimizer, self._params)
+
+    def learned_from(self, env_steps: int) -> None:
+        super().learned_from(env_steps)
+        self._lr.fill_(self.learning_rate())  # a tensor: a new rate does not recompile
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._lr.fill_(self.learning_rate())
+        if self.config.compile:  # the optimizer installed new state tensors: list them again
+            self._adam_state = adam_state(self.optimizer, self._params)
 
     @property
     def data(self) -> TrajectoryData:
@@ -186,18 +281,20 @@ class PPO(ActorCriticLearner):
                              c.gamma, c.gae_lambda)
             returns = advantages + values[:-1]
         # Only applied rows are transitions; the rest (EnvPool's reset steps) drop out here.
-        keep = batch.applied.flatten().nonzero().squeeze(1)
-        actions = batch.extras.get("raw_action", batch.actions)
-        obs = batch.obs[:-1].flatten(0, 1)[keep]
-        actions = actions.flatten(0, 1)[keep]
-        old_log_probs = batch.extras["log_prob"].flatten()[keep]
-        advantages, returns = advantages.flatten()[keep], returns.flatten()[keep]
-        old_values = values[:-1].flatten()[keep]
-        self.learned_from(len(keep))
-
+        applied = batch.applied.flatten()
+        keep = applied.nonzero().squeeze(1)
         count = len(keep)
         size = min(c.minibatch_size, count)
         whole = size == count  # one minibatch per epoch: no shuffling or gathering needed
+        rows = (batch.obs[:-1].flatten(0, 1), batch.extras.get("raw_action", batch.actions).flatten(0, 1),
+                batch.extras["log_prob"].flatten(), advantages.flatten(), returns.flatten(),
+                values[:-1].flatten())
+        self.learned_from(count)
+        if self._compiled is not None and self._compiled.active and size > 1:
+            metrics = self._compiled_epochs(rows, applied, keep, whole, size)
+            if metrics is not None:
+                return metrics, None
+        obs, actions, old_log_probs, advantages, returns, old_values = (r[keep] for r in rows)
         metrics: Metrics = {}
         for epoch in range(c.epochs):
             order = None if whole else torch.randperm(count, device=obs.device)
@@ -235,3 +332,27 @@ class PPO(ActorCriticLearner):
         self.updates += 1
         metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
         return metrics, None
+
+    def _compiled_epochs(self, rows: tuple[torch.Tensor, ...], applied: torch.Tensor, keep: torch.Tensor,
+                         whole: bool, size: int) -> Metrics | None:
+        """The epochs through the compiled gradient step, on rows of a fixed shape: all of the
+        rollout's, weighted by ``applied``, when one minibatch takes them all (their number of
+        transitions varies, the shape does not), else gathered minibatches of ``size``.
+        None when compiling failed at the first step: the caller updates eagerly."""
+        c = self.config
+        weights = applied.float() if whole else torch.ones(size, device=applied.device)
+        if not whole:
+            rows = tuple(r[keep] for r in rows)
+        metrics: Metrics = {}
+        for epoch in range(c.epochs):
+            order = None if whole else torch.randperm(len(keep), device=keep.device)
+            for start in range(0, len(keep) - size + 1, size):
+                minibatch = rows if order is None else tuple(r[order[start:start + size]] for r in rows)
+                metrics = self._compiled(self._param_views, *minibatch, weights, self._adam_state, self._lr)
+                if metrics is None:
+                    return None
+            if c.target_kl is not None and metrics["approx_kl"] > c.target_kl:
+                break
+        self.updates += 1
+        metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        return metrics

@@ -118,10 +118,12 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
             record("end_to_end_updates", i, updates)
     finally:
         torch.set_num_threads(threads_before)
-    # Where the learner's updates run, as the trainer would run them.
-    learner_runs = "serial" if config.train.mode == "serial" else "thread" if where == "inline" else "loop"
     data = make_algo(config, spec, torch.device("cpu")).data
     on_policy = isinstance(data, TrajectoryData)
+    # Where the learner's updates run, as the trainer would run them: beside inline actors in a
+    # thread, unless acting waits for each update anyway (then in the loop, see TrajectoryLearner).
+    in_thread = where == "inline" and not (on_policy and data.wait_for_learner)
+    learner_runs = "serial" if config.train.mode == "serial" else "thread" if in_thread else "loop"
     per_update = (_batch_size(config, data) * data.length if on_policy
                   else None)  # on-policy: every trajectory step is used once
     return summarize(config, runs, per_update, in_turns=on_policy and data.wait_for_learner,

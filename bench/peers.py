@@ -166,6 +166,11 @@ WORKLOADS = (
                          ("env.id='CartPole-v1'", "env.num_envs=8", "algo.epochs=20"), 20),
                  Variant("asyncrl, 8 envs, 10 epochs (the preset)",
                          ("env.id='CartPole-v1'", "env.num_envs=8"), 10),
+                 Variant("asyncrl, 8 envs, 20 epochs (RL-Zoo's), compiled gradient steps",
+                         ("env.id='CartPole-v1'", "env.num_envs=8", "algo.epochs=20",
+                          "algo.compile=true"), 20),
+                 Variant("asyncrl, 8 envs, 10 epochs (the preset), compiled gradient steps",
+                         ("env.id='CartPole-v1'", "env.num_envs=8", "algo.compile=true"), 10),
              )),
     Workload("SAC Pendulum-v1, [256, 256], batch 256, an update per env step", "sac", 5_000,
              "SB3 SAC, 1 gymnasium env", sb3_sac_pendulum, sb3_updates, (
