@@ -14,7 +14,7 @@ terminated episode bootstraps with 0, a truncated one with the value of its fina
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
         else:  # Gumbel-max: a categorical sample from numpy's generator
             noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32))
             choice = (params + noise).argmax(-1)
-        log_prob, _ = _log_prob_entropy(None, params, choice, with_entropy=False)  # acting needs no entropy
+        log_prob, _ = _log_prob_entropy(net.log_std, params, choice, with_entropy=False)  # no entropy needed
         return choice.numpy(), {"log_prob": log_prob.numpy()}
     raw = params
     if not greedy:
@@ -115,8 +115,59 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
     return actions, {"log_prob": log_prob.numpy(), "raw_action": raw.numpy()}
 
 
-def _masked_mean(x: torch.Tensor, weights: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return (x * weights).sum() / count
+class LossSettings(NamedTuple):
+    """The config's numbers that PPO's loss uses: plain constants that a compiled step may close
+    over (closing over a config object would recompile for every algorithm built)."""
+    normalize_advantages: bool
+    clip_coef: float
+    clip_value: bool
+    value_coef: float
+    entropy_coef: float
+
+    @classmethod
+    def of(cls, config: PPOConfig) -> LossSettings:
+        return cls(*(getattr(config, name) for name in cls._fields))
+
+
+def clipped_losses(c: LossSettings, value: torch.Tensor, log_prob: torch.Tensor, entropy: torch.Tensor,
+                   old_log_probs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+                   old_values: torch.Tensor, weights: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, Callable[[], Metrics]]:
+    """PPO's loss over one minibatch's rows, and a function that gives its statistics.
+    ``weights`` (the compiled step's fixed-shape rows): 1 for the rows that count, 0 for the rest,
+    and every mean is over the rows that count; None: plain means over all rows."""
+    if weights is None:
+        mean = torch.Tensor.mean
+    else:
+        count = weights.sum()
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * weights).sum() / count
+    log_ratio = log_prob - old_log_probs
+    ratio = log_ratio.exp()
+    adv = advantages
+    if c.normalize_advantages and (weights is not None or len(adv) > 1):
+        if weights is None:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        else:  # the standard deviation with Bessel's correction, as Tensor.std
+            centred = adv - mean(adv)
+            adv = centred / (((centred ** 2 * weights).sum() / (count - 1)).sqrt() + 1e-8)
+    policy_loss = mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)))
+    if c.clip_value:
+        clipped = old_values + (value - old_values).clamp(-c.clip_coef, c.clip_coef)
+        value_loss = 0.5 * mean(torch.max((value - returns) ** 2, (clipped - returns) ** 2))
+    else:
+        value_loss = 0.5 * mean((value - returns) ** 2)
+    entropy = mean(entropy)
+    loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
+
+    @torch.no_grad()
+    def stats() -> Metrics:
+        return {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                "entropy": entropy.detach(), "approx_kl": mean((ratio - 1) - log_ratio),
+                "clip_fraction": mean(((ratio - 1).abs() > c.clip_coef).float())}
+
+    return loss, stats
 
 
 def _gradient_step(spec: EnvSpec, config: PPOConfig) -> Callable:
@@ -128,49 +179,22 @@ def _gradient_step(spec: EnvSpec, config: PPOConfig) -> Callable:
     net = template(("ppo", spec.obs_shape, spec.num_actions, action_dim, tuple(config.hidden)),
                    lambda: ActorCritic(spec.obs_shape, spec.num_actions, action_dim, config.hidden))
     names = [name for name, _ in net.named_parameters()]
-    c = config
+    settings, max_grad_norm = LossSettings.of(config), config.max_grad_norm
 
     def step(params: list[torch.Tensor], obs: torch.Tensor, actions: torch.Tensor,
              old_log_probs: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
              old_values: torch.Tensor, weights: torch.Tensor, state: tuple[list[torch.Tensor], ...],
              lr: torch.Tensor) -> Metrics:
-        count = weights.sum()
-
-        def forward(ps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def total_loss(ps: list[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
             bound = dict(zip(names, ps))
             head, value = functional_call(net, bound, (obs,))
             log_prob, entropy = _log_prob_entropy(bound.get("log_std"), head, actions)
-            return value, log_prob, entropy
-
-        def total_loss(ps: list[torch.Tensor]):
-            value, log_prob, entropy = forward(ps)
-            log_ratio = log_prob - old_log_probs
-            ratio = log_ratio.exp()
-            adv = advantages
-            if c.normalize_advantages:
-                mean = _masked_mean(adv, weights, count)
-                std = ((((adv - mean) ** 2) * weights).sum() / (count - 1)).sqrt()
-                adv = (adv - mean) / (std + 1e-8)
-            policy_loss = _masked_mean(torch.max(-adv * ratio,
-                                                 -adv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)),
-                                       weights, count)
-            if c.clip_value:
-                clipped = old_values + (value - old_values).clamp(-c.clip_coef, c.clip_coef)
-                value_loss = 0.5 * _masked_mean(torch.max((value - returns) ** 2, (clipped - returns) ** 2),
-                                                weights, count)
-            else:
-                value_loss = 0.5 * _masked_mean((value - returns) ** 2, weights, count)
-            entropy = _masked_mean(entropy, weights, count)
-            loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
-            with torch.no_grad():
-                metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
-                           "approx_kl": _masked_mean((ratio - 1) - log_ratio, weights, count),
-                           "clip_fraction": _masked_mean(((ratio - 1).abs() > c.clip_coef).float(),
-                                                         weights, count)}
-            return loss, {k: v.detach() for k, v in metrics.items()}
+            loss, stats = clipped_losses(settings, value, log_prob, entropy, old_log_probs, advantages,
+                                         returns, old_values, weights)
+            return loss, stats()
 
         grads, metrics = grad(total_loss, has_aux=True)(params)
-        clip_and_adam_(params, grads, state, lr, 1e-5, c.max_grad_norm)
+        clip_and_adam_(params, grads, state, lr, 1e-5, max_grad_norm)
         return metrics
 
     return step
@@ -250,9 +274,10 @@ class PPO(ActorCriticLearner):
         # Compiled (algos/functional.py), one graph does a gradient step's forward, losses,
         # gradient, clipping and torch's own Adam step on the optimizer's own state.
         self._compiled = CompiledStep(_gradient_step(spec, config), "PPO") if config.compile else None
-        self._param_views = [p.detach() for p in self._params]  # share storage with the module
+        self._loss_settings = LossSettings.of(config)
         self._lr = torch.tensor(self.learning_rate(), dtype=torch.float32, device=device)
         if config.compile:
+            self._param_views = [p.detach() for p in self._params]  # share storage with the module
             self._adam_state = adam_state(self.optimizer, self._params)
 
     def learned_from(self, env_steps: int) -> None:
@@ -295,39 +320,21 @@ class PPO(ActorCriticLearner):
             if metrics is not None:
                 return metrics, None
         obs, actions, old_log_probs, advantages, returns, old_values = (r[keep] for r in rows)
-        metrics: Metrics = {}
         for epoch in range(c.epochs):
             order = None if whole else torch.randperm(count, device=obs.device)
             for start in range(0, count - size + 1, size):
                 idx = slice(None) if order is None else order[start:start + size]
                 params, value = self.net(obs[idx])
                 log_prob, entropy = log_prob_entropy(self.net, params, actions[idx])
-                log_ratio = log_prob - old_log_probs[idx]
-                ratio = log_ratio.exp()
-                adv = advantages[idx]
-                if c.normalize_advantages and size > 1:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                policy_loss = torch.max(-adv * ratio,
-                                        -adv * ratio.clamp(1 - c.clip_coef, 1 + c.clip_coef)).mean()
-                if c.clip_value:
-                    clipped = old_values[idx] + (value - old_values[idx]).clamp(-c.clip_coef, c.clip_coef)
-                    value_loss = 0.5 * torch.max((value - returns[idx]) ** 2,
-                                                 (clipped - returns[idx]) ** 2).mean()
-                else:
-                    value_loss = 0.5 * ((value - returns[idx]) ** 2).mean()
-                entropy = entropy.mean()
-                loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
+                loss, stats = clipped_losses(self._loss_settings, value, log_prob, entropy,
+                                             old_log_probs[idx], advantages[idx], returns[idx],
+                                             old_values[idx])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(self._params, c.max_grad_norm, foreach=True)
                 self.optimizer.step()
-            # Statistics of the epoch's last minibatch only: a few ops less per gradient step.
-            with torch.no_grad():
-                approx_kl = ((ratio - 1) - log_ratio).mean()
-                metrics = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
-                           "entropy": entropy.detach(), "approx_kl": approx_kl,
-                           "clip_fraction": ((ratio - 1).abs() > c.clip_coef).float().mean()}
-            if c.target_kl is not None and approx_kl > c.target_kl:
+            metrics = stats()  # of the epoch's last minibatch only: a few ops less per gradient step
+            if c.target_kl is not None and metrics["approx_kl"] > c.target_kl:
                 break
         self.updates += 1
         metrics["learning_rate"] = self.optimizer.param_groups[0]["lr"]

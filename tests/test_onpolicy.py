@@ -201,13 +201,16 @@ def test_impala_reaches_400_within_300k_steps(tmp_path):
     assert result["reached_target_at"] <= 300_000
 
 
-@pytest.mark.parametrize("minibatch_size", [256, 64])
-def test_compiled_gradient_steps_match_the_eager_update(minibatch_size):
+DISCRETE = EnvSpec("c", (4,), np.dtype(np.float32), "discrete", 2, ())
+GAUSSIAN = EnvSpec("p", (3,), np.dtype(np.float32), "continuous", 0, (1,), np.array([-2.0]), np.array([2.0]))
+
+
+@pytest.mark.parametrize("spec, minibatch_size", [(DISCRETE, 256), (GAUSSIAN, 64)], ids=["discrete", "gaussian"])
+def test_compiled_gradient_steps_match_the_eager_update(spec, minibatch_size):
     # 256: one minibatch takes the whole rollout (the compiled step gets every row, reset steps
     # weighted 0); 64: gathered minibatches of a fixed size, shuffled alike on both sides.
     from asyncrl.bench import synthetic_batch
 
-    spec = EnvSpec("c", (4,), np.dtype(np.float32), "discrete", 2, ())
     rng = np.random.default_rng(0)
     config = {"epochs": 3, "minibatch_size": minibatch_size, "anneal_env_steps": 5_000, "clip_value": True}
     runs = []
@@ -227,7 +230,8 @@ def test_compiled_gradient_steps_match_the_eager_update(minibatch_size):
     for m0, m1 in zip(*outs):
         assert m0.keys() == m1.keys()
         for key in m0:
-            torch.testing.assert_close(torch.as_tensor(m1[key]), torch.as_tensor(m0[key]), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(torch.as_tensor(m1[key]), torch.as_tensor(m0[key]),
+                                       rtol=1e-4, atol=1e-5)
     for a, b in zip(eager.net.parameters(), compiled.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # Adam's state is torch's own and the annealed rate follows the env steps learnt from: an
