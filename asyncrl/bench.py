@@ -140,9 +140,9 @@ def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: 
               in_turns: bool = False, **context: Any) -> dict[str, Any]:
     """Medians, spreads and ratios of raw per-repeat figures. ``inserts_per_update``: env steps
     one update consumes, given for on-policy data (default: from the replay's samples per
-    insert, off-policy). ``in_turns``: acting
-    waits for each update (PPO's policy lag 0), so acting and learning cannot overlap and the
-    whole run's bound is their series rate, 1 / (1 / acting + 1 / learner), not the slower one."""
+    insert, off-policy). ``in_turns``: acting waits for each update (PPO's policy lag 0), so
+    acting and learning cannot overlap and the whole run's bound is their series rate,
+    1 / (1 / acting + 1 / learner), not the slower one."""
     figures = {name: {"unit": FIGURES[name][1], "runs": values, "median": statistics.median(values),
                       "min": min(values), "max": max(values)} for name, values in runs.items()}
     median = {name: f["median"] for name, f in figures.items()}
