@@ -170,10 +170,10 @@ def test_acting_that_waits_for_each_update_is_bounded_by_the_series_rate(measure
         assert result["ratios"]["overlap_efficiency"] == pytest.approx(median["end_to_end_env_steps"] / bound)
     ppo = measured_others["ppo"]
     assert ppo["inserts_per_update"] == 8 * 32  # every env's 32-step trajectory, each step once
-    assert "acting waits for each update" in cli_render(ppo)
+    assert "acting waits for each update" in rendered(ppo)
 
 
-def cli_render(result: dict) -> str:
+def rendered(result: dict) -> str:
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(render(result))
     return console.export_text()

@@ -234,8 +234,8 @@ def test_compiled_gradient_steps_match_the_eager_update(spec, minibatch_size):
                                        rtol=1e-4, atol=1e-5)
     for a, b in zip(eager.net.parameters(), compiled.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # Adam's state is torch's own and the annealed rate follows the env steps learnt from: an
-    # eager checkpoint resumes compiled (and back), and the next update still agrees.
+    # Adam's state is torch's own and the annealed rate follows the env steps learnt from: a
+    # compiled PPO resumes from an eager one's state, and the next update still agrees.
     compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
     torch.manual_seed(7)
     next_eager = eager.update(batches[0])[0]
