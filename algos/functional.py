@@ -19,6 +19,7 @@ graph. The pieces here keep that function free of the algorithm object:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Hashable
 
 import torch
@@ -28,6 +29,7 @@ from torch.optim.adam import adam
 log = logging.getLogger("asyncrl")
 
 _TEMPLATES: dict[Hashable, nn.Module] = {}
+_ANNOUNCED: set[str] = set()  # updates whose compiling this process has announced
 
 
 def template(key: Hashable, build: Callable[[], nn.Module]) -> nn.Module:
@@ -86,6 +88,12 @@ class CompiledStep:
     def __call__(self, *args: Any) -> Any:
         if self._fn is None:
             return None
+        first = not self._ok
+        if first and self.what not in _ANNOUNCED:  # the first call compiles: say so, it takes a while
+            _ANNOUNCED.add(self.what)
+            log.info("compiling the %s update with torch.compile (once per process; can take 20 s "
+                     "or more, less from torch's on-disk cache)", self.what)
+        t0 = time.perf_counter()
         try:
             result = self._fn(*args)
         except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op: stay correct
@@ -96,4 +104,6 @@ class CompiledStep:
             self._fn = None
             return None
         self._ok = True
+        if first and (seconds := time.perf_counter() - t0) > 1.0:
+            log.info("compiled the %s update in %.1f s", self.what, seconds)
         return result
