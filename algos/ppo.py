@@ -51,7 +51,7 @@ class PPOConfig(BaseModel):
     compile: bool = Field(
         False,
         description="torch.compile each gradient step (forward, losses, gradient, clipping, Adam): "
-        "about twice the gradient steps/s for small networks on a CPU, for seconds of compiling at "
+        "about 2.5x the gradient steps/s for small networks on a CPU, for seconds of compiling at "
         "the first update (falls back to eager, with a warning, where compiling fails).")
 
 
@@ -261,9 +261,7 @@ class PPO(ActorCriticLearner):
         "algo": {"name": "ppo", "lr": 1e-3, "anneal_env_steps": 100_000, "gamma": 0.98,
                  "gae_lambda": 0.8, "rollout_length": 32, "epochs": 10, "minibatch_size": 256,
                  "entropy_coef": 0.0, "clip_value": False},
-        # EnvPool on one thread: for 8 CartPole envs a batch's hand-off between two threads costs
-        # more than its steps (BENCHMARKS.md); the envs and their numbers are the same.
-        "env": {"id": "CartPole-v1", "num_envs": 8, "kwargs": {"num_threads": 1}},
+        "env": {"id": "CartPole-v1", "num_envs": 8},
         "actors": {"placement": "inline"},
         "train": {"total_env_steps": 100_000, "eval_every": 5_000, "eval_episodes": 20,
                   "target_return": 475.0},
