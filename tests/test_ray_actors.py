@@ -138,13 +138,16 @@ def test_actors_run_on_the_non_head_nodes_and_pull_weights_only_when_the_version
 
 @pytest.mark.learning
 def test_dqn_learns_cartpole_with_remote_actors(connected, tmp_path):
+    # Remote actors run async, so a seed does not fix the run: the budget leaves room for the
+    # preset's usual dips (its greedy returns wander 110-290 before it solves, BENCHMARKS.md);
+    # at 40k steps 2 of 5 full-suite runs on 2026-12-01 ended at 149 or so.
     cfg = build_config(DQN.preset, overrides=[*REMOTE, "actors.num_actors=2", "train.seed=0",
-                                              "train.total_env_steps=40000", "train.eval_every=5000",
+                                              "train.total_env_steps=80000", "train.eval_every=5000",
                                               "train.target_return=200"])
     trainer = Trainer(cfg, run_dir=tmp_path)
-    result = asyncio.run(asyncio.wait_for(trainer.run(), 120))
+    result = asyncio.run(asyncio.wait_for(trainer.run(), 180))
     c = trainer.c
-    assert result["eval"]["eval/return_mean"] >= 200 and result["reached_target_at"] <= 40000
+    assert result["eval"]["eval/return_mean"] >= 200 and result["reached_target_at"] <= 80000
     assert connected.head_node.node_id not in {a.node_id for a in c.actors}
     # One object per version, not per actor; actors fetch only versions that moved, and report
     # the version they acted with (so staleness is measured).
