@@ -140,7 +140,7 @@ def test_actors_run_on_the_non_head_nodes_and_pull_weights_only_when_the_version
 def test_dqn_learns_cartpole_with_remote_actors(connected, tmp_path):
     # Remote actors run async, so a seed does not fix the run: the budget leaves room for the
     # preset's usual dips (its greedy returns wander 110-290 before it solves, BENCHMARKS.md);
-    # at 40k steps 2 of 5 full-suite runs on 2026-12-01 ended at 149 or so.
+    # with 40k steps a full-suite run on 2026-12-01 ended at 149.
     cfg = build_config(DQN.preset, overrides=[*REMOTE, "actors.num_actors=2", "train.seed=0",
                                               "train.total_env_steps=80000", "train.eval_every=5000",
                                               "train.target_return=200"])
