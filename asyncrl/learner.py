@@ -88,8 +88,9 @@ class Learner:
         self._seconds_per_update = 0.0  # of the last chunk
 
     def sample(self, count: int = 1) -> list[tuple[TransitionBatch | SequenceBatch, np.ndarray]]:
-        """``count`` batches and their replay keys, drawn in one replay call and moved to the
-        device in one copy per field: the fixed cost of a draw, paid once per chunk."""
+        """``count`` batches and their replay keys, drawn in one replay call (each batch
+        distributed as a draw of its own) and moved to the device in one copy per field: the
+        fixed cost of a draw, paid once per chunk."""
         timer = self.recorder.timer
         t0 = time.perf_counter()
         data = self.replay.sample(self.batch_size, self.importance_exponent(), batches=count)

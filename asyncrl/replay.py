@@ -116,9 +116,12 @@ class Replay:
         self._sampleable[leaves] = values > 0
         self._num_sampleable += int(np.count_nonzero(self._sampleable[leaves]))
 
-    def _draw(self, n: int) -> np.ndarray:
+    def _draw(self, batch_size: int, batches: int) -> np.ndarray:
+        """``batches`` independent draws of ``batch_size`` leaves, one after the other."""
         if self._tree is not None:
-            return self._tree.sample(n, self._rng)
+            return self._tree.sample(batch_size, self._rng, batches)
+        # Uniform: independent draws, so every block of the result is a draw of its own.
+        n = batch_size * batches
         filled = np.minimum(self.head, self.stream_capacity)
         ends = np.cumsum(filled)
         found: list[np.ndarray] = []
@@ -176,8 +179,9 @@ class Replay:
         ``keys`` for :meth:`update_priorities` (``position * num_streams + stream``).
 
         ``batches`` > 1 draws that many batches in one call (their rows one after the other,
-        importance weights normalised within each): the same as as many calls with no priority
-        update between them, for one call's overhead."""
+        importance weights normalised within each): each batch is drawn as one call would draw
+        it, as if there were as many calls with no priority update between them, for one call's
+        overhead."""
         if self.num_sampleable == 0:
             raise ValueError(
                 f"nothing to sample yet: a step becomes sampleable once {self.n_step} more "
@@ -186,7 +190,7 @@ class Replay:
         n, per_stream = self.n_step, self.stream_capacity
         total = batch_size * batches
         flat = self._flat  # the arrays as one row of slots each: one index per item, not two
-        leaves = self._draw(total)
+        leaves = self._draw(batch_size, batches)
         streams = leaves // per_stream
         starts = flat["positions"][leaves]
         # Slots of steps p .. p+n of each item's stream (its ring wraps within the stream).

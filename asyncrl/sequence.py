@@ -171,14 +171,16 @@ class SequenceReplay:
                batches: int = 1) -> dict[str, Any]:
         """``batch_size * batches`` sequences, batch first (``[N, length, ...]``): ``obs, actions,
         rewards, terminated, truncated, applied, valid`` (see :class:`~asyncrl.core.SequenceBatch`;
-        rows outside the episode are zeros, and so is all but the observation of its final row), ``state`` (name -> ``[N, ...]``: the actor state at
-        each first row), ``weights`` (importance weights, max 1 within each batch) and ``keys``."""
+        rows outside the episode are zeros, and so is all but the observation of its final row),
+        ``state`` (name -> ``[N, ...]``: the actor state at each first row), ``weights``
+        (importance weights, max 1 within each batch) and ``keys``. The ``batches`` batches come
+        one after the other, each drawn as a call of its own would draw it."""
         if self.num_sampleable == 0:
             raise ValueError(
                 f"nothing to sample yet: a sequence is sampleable once its {self.length} steps are in "
                 f"replay or its episode ended ({self.size} steps held in {self.num_streams} streams)")
         total = batch_size * batches
-        leaves = self._tree.sample(total, self._rng)
+        leaves = self._tree.sample(batch_size, self._rng, batches)
         streams, cols = np.divmod(leaves, self.stream_capacity)
         starts = self.positions[streams, cols]
         offsets = np.arange(self.length)

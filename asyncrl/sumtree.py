@@ -54,13 +54,19 @@ class SumTree:
             nodes = nodes >> 1
             self.tree[nodes] = self.tree[2 * nodes] + self.tree[2 * nodes + 1]
 
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator, batches: int = 1) -> np.ndarray:
         """``n`` leaf indices, one drawn in each of ``n`` equal strata of the total (lower variance
-        than independent draws; the result comes sorted by leaf)."""
+        than independent draws; the result comes sorted by leaf).
+
+        ``batches`` > 1 gives that many such draws of ``n`` one after the other, each stratified
+        over the whole total on its own: one stratified pass of ``batches * n`` would hand each
+        consecutive block of ``n`` only a slice of the leaves. They are the draws that as many
+        calls would make, from the same random numbers, in one descent."""
         total = self.tree[1]
         if not total > 0:
             raise ValueError("cannot sample from a sum-tree whose values are all 0")
-        u = (np.arange(n) + rng.random(n)) * (total / n)
+        u = ((np.arange(n) + rng.random((batches, n))) * (total / n)).reshape(-1)
+        n = batches * n
         u = np.minimum(u, np.nextafter(total, 0))  # rounding may reach the total itself
         nodes = np.ones(n, np.int64)
         for _ in range(self._depth):

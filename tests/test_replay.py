@@ -260,3 +260,54 @@ def test_readable_errors():
     insert_steps(replay, 0, [PLAIN])  # step 0 has its successors but was not applied
     with pytest.raises(ValueError, match="nothing to sample"):
         replay.sample(4)
+
+
+def fill_streams(replay: Replay, steps: int) -> None:
+    """``steps`` plain steps in every stream, inserted in lockstep as the actors do."""
+    streams = np.arange(replay.num_streams)
+    ones, zeros = np.ones(len(streams)), np.zeros(len(streams), bool)
+    for _ in range(steps):
+        positions = replay.head[streams]
+        replay.insert(streams, np.stack([streams, positions], 1), positions, ones, zeros, zeros,
+                      ~zeros)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_each_batch_of_a_multi_batch_draw_spans_the_streams(alpha):
+    # One stratified pass over 8 batches' worth of items, cut into consecutive batches, gave
+    # batch i only the leaves of stream i.
+    replay = make_replay(8 * 32, num_streams=8, n_step=3, priority_exponent=alpha)
+    fill_streams(replay, 24)
+    rng = np.random.default_rng(1)
+    keys = np.arange(21)[:, None] * 8 + np.arange(8)  # every sampleable slot
+    replay.update_priorities(keys.ravel(), rng.uniform(0.1, 5.0, keys.size))
+    leaves = replay.state_dict()["priorities"].reshape(8, -1).sum(axis=1)
+    expected = leaves / leaves.sum()  # each stream's share of a single draw
+    rounds, batch = 100, 32
+    counts = np.zeros((8, 8))
+    for _ in range(rounds):
+        streams, _ = decode(replay, replay.sample(batch, batches=8)["keys"])
+        for b, rows in enumerate(streams.reshape(8, batch)):
+            counts[b] += np.bincount(rows, minlength=8)
+    for b in range(8):
+        assert chi_square_ok(counts[b], rounds * batch * expected), (b, counts[b])
+    streams, _ = decode(replay, replay.sample(batch, batches=8)["keys"])
+    assert all(len(set(rows.tolist())) >= 6 for rows in streams.reshape(8, batch))
+
+
+def test_a_multi_batch_draw_is_as_many_single_draws():
+    # Stratified by priority, so the batches and their importance weights are exactly those
+    # of separate calls from the same random numbers.
+    def build() -> Replay:
+        replay = make_replay(8 * 32, num_streams=8, n_step=3, priority_exponent=0.6)
+        fill_streams(replay, 24)
+        keys = np.arange(21 * 8)
+        replay.update_priorities(keys, np.random.default_rng(2).uniform(0.1, 5.0, keys.size))
+        return replay
+
+    one, separate = build(), build()
+    drawn = one.sample(16, importance_exponent=0.4, batches=4)
+    calls = [separate.sample(16, importance_exponent=0.4) for _ in range(4)]
+    for name in drawn:
+        np.testing.assert_array_equal(drawn[name], np.concatenate([c[name] for c in calls]))
+    assert all(c["weights"].max() == 1 for c in calls)

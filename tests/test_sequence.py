@@ -177,3 +177,42 @@ def test_adder_stores_the_state_each_action_was_chosen_with():
     np.testing.assert_array_equal(r.states["h"][0, :4, 0], [0, 1, 2, 3])
     with pytest.raises(RuntimeError, match="actor state"):
         adder.record_actions([0], [0])
+
+
+def lockstep(r: SequenceReplay, steps: int) -> None:
+    streams = np.arange(r.num_streams)
+    for _ in range(steps):
+        positions = r.head[streams].astype(np.float32)
+        r.insert(streams, positions[:, None], positions.astype(np.int64), positions,
+                 np.zeros(len(streams), bool), np.zeros(len(streams), bool), np.ones(len(streams), bool),
+                 state={"h": np.zeros((len(streams), 3), np.float32)})
+
+
+def test_each_batch_of_a_multi_batch_draw_spans_the_streams():
+    # One stratified pass over 4 batches of 32, cut into consecutive batches, gave streams
+    # {0-3}, {4-7}, {8-11}, {12-15}.
+    r = replay(capacity=16 * 32, streams=16, length=4, period=2)
+    lockstep(r, 20)
+    single = np.divmod(r.sample(32)["keys"], 16)[1]
+    assert set(single.tolist()) == set(range(16))
+    streams = np.divmod(r.sample(32, batches=4)["keys"], 16)[1]
+    for rows in streams.reshape(4, 32):
+        assert set(rows.tolist()) == set(range(16))
+        assert np.bincount(rows, minlength=16).tolist() == np.bincount(single, minlength=16).tolist()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_a_multi_batch_draw_is_as_many_single_draws(alpha):
+    def build() -> SequenceReplay:
+        r = replay(capacity=8 * 32, streams=8, length=4, period=2, alpha=alpha)
+        lockstep(r, 20)
+        keys = np.arange(0, 16, 2)[:, None] * 8 + np.arange(8)  # starts 0, 2, ..., 14
+        r.update_priorities(keys.ravel(), np.random.default_rng(2).uniform(0.1, 5.0, keys.size))
+        return r
+
+    one, separate = build(), build()
+    drawn = one.sample(16, importance_exponent=0.5, batches=4)
+    calls = [separate.sample(16, importance_exponent=0.5) for _ in range(4)]
+    for name in ("obs", "actions", "rewards", "valid", "applied", "weights", "keys"):
+        np.testing.assert_array_equal(drawn[name], np.concatenate([c[name] for c in calls]))
+    np.testing.assert_array_equal(drawn["state"]["h"], np.concatenate([c["state"]["h"] for c in calls]))

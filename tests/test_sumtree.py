@@ -114,3 +114,15 @@ def test_sums_stay_exact_under_random_updates(capacity, updates):
     internal = np.arange(1, len(tree.tree) // 2)
     children_sums = tree.tree[2 * internal] + tree.tree[2 * internal + 1]
     np.testing.assert_array_equal(tree.tree[internal], children_sums)
+
+
+def test_several_batches_are_each_stratified_over_the_whole_tree():
+    values = np.random.default_rng(3).uniform(0.1, 5.0, 64)
+    tree = SumTree(64)
+    tree.update(np.arange(64), values)
+    drawn = tree.sample(8, np.random.default_rng(0), batches=5)
+    rng = np.random.default_rng(0)
+    separate = np.concatenate([tree.sample(8, rng) for _ in range(5)])
+    np.testing.assert_array_equal(drawn, separate)
+    for block in drawn.reshape(5, 8):  # each spans the leaves, as one draw of 8 does
+        assert block.min() < 16 and block.max() >= 48
