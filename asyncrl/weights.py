@@ -16,6 +16,15 @@ import torch
 from torch import nn
 
 
+class PublishTimeout(RuntimeError):
+    """A publish stayed in progress past a reader's timeout: its writer died or is stuck."""
+
+
+# A publish copies at most tens of MB (and, from CUDA, waits for the updates queued before it):
+# milliseconds to a few hundred. Seconds without one finishing mean its writer is gone.
+READ_TIMEOUT_S = 10.0
+
+
 class WeightStore:
     """Flat float32 parameters plus a publish count, shared across threads and processes.
 
@@ -23,6 +32,13 @@ class WeightStore:
     starts with ``known_version = 0`` pulls the first publish. Only parameters are stored, not
     buffers: an acting network with running statistics (batch norm) would need them added.
     There must be one writer at a time; any number of readers.
+
+    A publish that raises leaves the sequence even again, at the version before it: no reader
+    spins on it. Its partial copy is not undone, so a reader that had an older version may then
+    read a mix of the two (labelled as the older version) until the next publish makes it whole.
+    A writer killed mid-publish (its process gone) leaves the sequence odd for good: a reader
+    that needs a newer version waits at most ``timeout`` seconds for it, then raises
+    :class:`PublishTimeout`, never spins without bound.
     """
 
     def __init__(self, num_params: int) -> None:
@@ -66,32 +82,39 @@ class WeightStore:
             sources = self._parameters(module_or_flat)
         else:
             sources = [module_or_flat.detach().reshape(-1)]
-        # Check the size before going odd: a publish that failed halfway would leave the
-        # sequence odd and readers spinning forever.
+        # Check the size before going odd: a refused publish then leaves the contents whole.
         size = sum(s.numel() for s in sources)
         if size != self.num_params:
             raise ValueError(f"publishing {size} parameters into a store of {self.num_params}")
 
         sequence = int(self._sequence.item())
         self._sequence.fill_(sequence + 1)
-        offset = 0
-        for source in sources:
-            # Straight into the shared slice: no flat temporary per publish.
-            self._flat[offset : offset + source.numel()].view_as(source).copy_(source)
-            offset += source.numel()
-        self._sequence.fill_(sequence + 2)
-        return (sequence + 2) // 2
+        done = sequence  # even again whatever happens: back to the previous version on failure
+        try:
+            offset = 0
+            for source in sources:
+                # Straight into the shared slice: no flat temporary per publish.
+                self._flat[offset : offset + source.numel()].view_as(source).copy_(source)
+                offset += source.numel()
+            done = sequence + 2
+        finally:
+            self._sequence.fill_(done)
+        return done // 2
 
-    def read_into(self, out_flat: torch.Tensor) -> int:
-        """Copy a consistent snapshot into ``out_flat`` and return its version."""
+    def read_into(self, out_flat: torch.Tensor, timeout: float = READ_TIMEOUT_S) -> int:
+        """Copy a consistent snapshot into ``out_flat`` and return its version. Raises
+        :class:`PublishTimeout` if no consistent copy could be made within ``timeout`` seconds."""
         if out_flat.numel() != self.num_params:
             raise ValueError(f"reading {self.num_params} parameters into {out_flat.numel()}")
-        return self._read(lambda flat: out_flat.view(-1).copy_(flat))
+        return self._read(lambda flat: out_flat.view(-1).copy_(flat), timeout)
 
-    def pull(self, module: nn.Module, known_version: int) -> int | None:
+    def pull(self, module: nn.Module, known_version: int, timeout: float = READ_TIMEOUT_S) -> int | None:
         """Load the latest weights into ``module`` if newer than ``known_version``.
 
         Returns the version loaded, or None (and leaves ``module`` alone) when nothing is newer.
+        Raises :class:`PublishTimeout` if no consistent copy could be made within ``timeout``
+        seconds; ``module`` may then hold a torn copy, which the next successful pull replaces
+        (its version has not moved for the caller).
         """
         if self.version <= known_version:
             return None
@@ -109,9 +132,9 @@ class WeightStore:
         # Copying straight into the parameters is safe: a torn read is simply overwritten by the
         # retry. A copy to CUDA from this pageable memory has read its source by the time
         # copy_ returns, so the version check after it still covers the read.
-        return self._read(copy)
+        return self._read(copy, timeout)
 
-    def _read(self, copy: Callable[[torch.Tensor], object]) -> int:
+    def _read(self, copy: Callable[[torch.Tensor], object], timeout: float) -> int:
         # The seqlock read. The writer goes odd, writes, goes even; we read the sequence, copy,
         # and reread it. A copy that overlapped a publish in any way either started while the
         # sequence was odd, or saw it change by the end: had any byte of a new publish reached
@@ -120,12 +143,21 @@ class WeightStore:
         # and the counter's aligned 8-byte stores and loads are atomic. A weakly ordered CPU
         # (ARM) would need fences that torch does not expose; the many calls between the three
         # steps make a reorder unlikely there, not impossible.
+        deadline = None
         while True:
             before = int(self._sequence.item())
-            if before % 2:
-                time.sleep(0)  # a publish is in progress: let the writer run
-                continue
-            copy(self._flat)
-            if int(self._sequence.item()) == before:
-                return before // 2
-            self.read_retries += 1
+            if before % 2 == 0:
+                copy(self._flat)
+                if int(self._sequence.item()) == before:
+                    return before // 2
+                self.read_retries += 1
+            # A publish is in progress (or overlapped the copy): let the writer run, but not for
+            # ever: a writer killed mid-publish never finishes (the clock is read only here).
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            elif now > deadline:
+                raise PublishTimeout(f"no weight publish finished within {timeout:g} s (version "
+                                     f"{before // 2}): the learner died or is stuck mid-publish")
+            # Yield at once while a publish is likely just running; nap once it has taken long.
+            time.sleep(0 if deadline - now > timeout - 0.01 else 0.001)

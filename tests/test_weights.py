@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from asyncrl.weights import WeightStore
+from asyncrl.weights import PublishTimeout, WeightStore
 
 # Large enough that each copy_ runs long outside the GIL, so reads and publishes interleave.
 NUM_PARAMS = 2_000_000
@@ -149,3 +149,37 @@ def test_size_mismatches_are_refused():
         store.pull(make_net(), known_version=0)
     with pytest.raises(ValueError, match="num_params"):
         WeightStore(0)
+
+
+def _read_in_thread(store: WeightStore, out: torch.Tensor) -> tuple[threading.Thread, list]:
+    """A reader in a daemon thread, so that a reader spinning for ever fails the test, not hangs it."""
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(store.read_into(out)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    return reader, got
+
+
+def test_a_publish_that_raises_leaves_the_store_readable():
+    store = WeightStore(10)
+    store.publish(torch.ones(10))
+    # Its size fits, so the publish begins; the copy out of a meta tensor then raises.
+    with pytest.raises(NotImplementedError):
+        store.publish(torch.empty(10, device="meta"))
+    assert store.version == 1
+    reader, got = _read_in_thread(store, torch.empty(10))  # a reader that needs version 1
+    assert not reader.is_alive() and got == [1]
+    assert store.publish(torch.full((10,), 2.0)) == 2  # the next publish goes on as usual
+    out = torch.empty(10)
+    assert store.read_into(out) == 2 and torch.equal(out, torch.full((10,), 2.0))
+
+
+def test_a_publish_that_never_finishes_times_readers_out():
+    store = WeightStore(10)
+    store.publish(torch.ones(10))
+    store._sequence.fill_(3)  # what a writer killed mid-publish leaves behind
+    with pytest.raises(PublishTimeout, match="mid-publish"):
+        store.read_into(torch.empty(10), timeout=0.2)
+    with pytest.raises(PublishTimeout):
+        store.pull(nn.Linear(4, 2), known_version=0, timeout=0.2)  # 10 parameters
+    assert store.pull(nn.Linear(4, 2), known_version=1, timeout=0.2) is None  # up to date: no read
