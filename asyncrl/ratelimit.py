@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from numbers import Integral
 
 
 class LimiterStopped(Exception):
@@ -22,8 +23,8 @@ class RateLimiter:
     With ``diff = inserts * samples_per_insert - samples`` and the band
     ``[min_diff, max_diff] = samples_per_insert * min_size_to_sample -/+ error_buffer``:
 
-    - a sample of ``n`` is allowed once ``inserts >= min_size_to_sample`` and
-      ``diff - n >= min_diff``;
+    - a sample of ``n`` is allowed once ``inserts >= min_size_to_sample``, ``diff - n >=
+      min_diff`` and, given ``sampleable``, the replay holds an item it can draw;
     - an insert of ``n`` is allowed when ``diff + n * samples_per_insert <= max_diff``, *or*
       whenever a sample of ``sample_batch_size`` is not allowed. If the sampler cannot proceed,
       the inserter can, so the pair never deadlocks, even with a band narrower than one insert
@@ -40,6 +41,15 @@ class RateLimiter:
     Samples may be smaller than ``sample_batch_size`` but not larger: the deadlock rule is stated
     for a sample of ``sample_batch_size``, and a larger one could wait for an insert that the rule
     forbids.
+
+    ``sampleable`` (the replay's count of items it can draw now) closes the gap between inserted
+    and drawable: an n-step transition becomes drawable ``n`` inserts of its stream after its
+    own, a sequence once its window is complete, so ``min_size_to_sample`` inserts may leave
+    nothing to draw. One drawable item suffices: ``min_size_to_sample`` counts inserted steps,
+    while a sequence replay counts sequences, of which it may never hold that many. The count
+    only grows on inserts, which wake waiting samplers; so the inserter must write into the
+    replay before it next yields to the loop (the actors do it right after ``await_insert``).
+    The deadlock rule holds as it is: while nothing is drawable, inserts are allowed.
     """
 
     def __init__(
@@ -48,6 +58,7 @@ class RateLimiter:
         min_size_to_sample: int,
         error_buffer: float,
         sample_batch_size: int,
+        sampleable: Callable[[], int] | None = None,
     ) -> None:
         if not samples_per_insert > 0:
             raise ValueError(f"samples_per_insert must be > 0, got {samples_per_insert}")
@@ -60,6 +71,7 @@ class RateLimiter:
         self.samples_per_insert = float(samples_per_insert)
         self.min_size_to_sample = int(min_size_to_sample)
         self.sample_batch_size = int(sample_batch_size)
+        self._sampleable = sampleable
         centre = self.samples_per_insert * self.min_size_to_sample
         self.min_diff = centre - error_buffer
         self.max_diff = centre + error_buffer
@@ -97,7 +109,8 @@ class RateLimiter:
 
     def can_sample(self, n: int | None = None) -> bool:
         n = self.sample_batch_size if n is None else n
-        return self.inserts >= self.min_size_to_sample and self.diff - n >= self.min_diff
+        return (self.inserts >= self.min_size_to_sample and self.diff - n >= self.min_diff
+                and (self._sampleable is None or self._sampleable() > 0))
 
     def can_insert(self, n: int) -> bool:
         return (
@@ -153,6 +166,21 @@ class RateLimiter:
             "insert_waits": self.insert_waits,
             "sample_waits": self.sample_waits,
         }
+
+    def state_dict(self) -> dict[str, int]:
+        """The counts that define ``diff``, for a checkpoint: a resumed run keeps its ratio."""
+        return {"inserts": self.inserts, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        inserts, samples = state["inserts"], state["samples"]
+        if not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 0
+                   for v in (inserts, samples)):
+            raise ValueError(f"limiter counts must be integers >= 0, got inserts={inserts!r} and "
+                             f"samples={samples!r}")
+        self.inserts, self.samples = int(inserts), int(samples)
+        # Either side may now be allowed: let waiters recheck.
+        self._inserters.wake()
+        self._samplers.wake()
 
     def _record_insert(self, n: int) -> None:
         self.inserts += n
