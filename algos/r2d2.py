@@ -122,8 +122,10 @@ def n_step_targets(rewards: torch.Tensor, terminated: torch.Tensor, truncated: t
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each row t of ``[T, B]`` sequences: the discounted sum of up to ``n`` rewards from t,
     the discount on the bootstrap value (0 when the episode terminated within them) and the row to
-    bootstrap from. A return stops at an episode end and at the sequence's last row (which is
-    never itself a decision here); a row whose return takes no step has its bootstrap row = t."""
+    bootstrap from. A return stops at an episode end, at a row whose action was never applied
+    (a cut: its successor never came, so the return bootstraps from it) and at the sequence's
+    last row (which is never itself a decision here); a row whose return takes no step has its
+    bootstrap row = t."""
     length = rewards.shape[0]
     t = torch.arange(length, device=rewards.device).unsqueeze(1).expand_as(rewards)
     ended = terminated | truncated
@@ -134,7 +136,9 @@ def n_step_targets(rewards: torch.Tensor, terminated: torch.Tensor, truncated: t
     alive = applied.clone()
     for i in range(n):
         row = (t + i).clamp(max=length - 1)
-        step = alive & (t + i < length - 1)
+        # An episode end stops the next step; an unapplied row has no step of its own, whether
+        # it follows an episode end or a cut (which ends nothing).
+        step = alive & applied.gather(0, row) & (t + i < length - 1)
         returns = returns + torch.where(step, discount * rewards.gather(0, row), 0.0)
         discount = torch.where(step, discount * gamma, discount)
         bootstrap = torch.where(step, row + 1, bootstrap)

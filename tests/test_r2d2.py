@@ -58,6 +58,19 @@ def test_n_step_targets_stop_at_episode_ends_and_the_sequence_end():
     torch.testing.assert_close(returns[:, 0], torch.tensor([1 + g + g * g, 1 + g, 1.0, 0.0]))
 
 
+def test_n_step_targets_stop_at_a_cut():
+    # Observations 0, 1, 2 where row 2 was cut (its successor never came; no episode end), then
+    # padding: row 0 bootstraps from row 2 with gamma^2, not from row 5 with gamma^5.
+    r = torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]).unsqueeze(1)
+    no = torch.zeros(7, 1, dtype=torch.bool)
+    applied = torch.tensor([1, 1, 0, 0, 0, 0, 0], dtype=torch.bool).unsqueeze(1)
+    g = 0.5
+    returns, discount, boot = n_step_targets(r, no, no, applied, n=5, gamma=g)
+    assert boot[:, 0].tolist() == [2, 2, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(discount[:, 0], torch.tensor([g * g, g, 1.0, 1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(returns[:, 0], torch.tensor([1 + g * 2, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+
+
 def sequence_batch(algo: R2D2, t=8, b=5, seed=0) -> SequenceBatch:
     g = torch.Generator().manual_seed(seed)
     terminated = torch.zeros(t, b, dtype=torch.bool)
