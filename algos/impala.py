@@ -27,8 +27,10 @@ class IMPALAConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(6e-4, gt=0, description="Adam learning rate at the start.")
-    anneal_env_steps: int = Field(
-        0, ge=0, description="Env steps over which the learning rate decays linearly to 0; 0: constant.")
+    anneal_env_steps: int | None = Field(
+        0, ge=0, json_schema_extra={"run_default": "train.total_env_steps"},
+        description="Env steps over which the learning rate decays linearly to 0; 0: constant. "
+        "None: the run's train.total_env_steps.")
     gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
     trajectory_length: int = Field(20, ge=1, description="Steps per trajectory (T).")
     rho_bar: float = Field(1.0, gt=0, description="Clip of the importance weights in the value "

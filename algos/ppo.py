@@ -31,8 +31,10 @@ class PPOConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(2.5e-4, gt=0, description="Adam learning rate at the start.")
-    anneal_env_steps: int = Field(
-        0, ge=0, description="Env steps over which the learning rate decays linearly to 0; 0: constant.")
+    anneal_env_steps: int | None = Field(
+        None, ge=0, json_schema_extra={"run_default": "train.total_env_steps"},
+        description="Env steps over which the learning rate decays linearly to 0; 0: constant. "
+        "None: the run's train.total_env_steps (constant for an algorithm built outside a run).")
     gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda: bias (0) against variance (1).")
     rollout_length: int = Field(128, ge=1, description="Steps per env between updates (T).")
@@ -205,7 +207,8 @@ def _gradient_step(spec: EnvSpec, config: PPOConfig) -> Callable:
 
 class ActorCriticLearner:
     """What PPO and IMPALA share: one :class:`ActorCritic` trained by one Adam whose learning
-    rate anneals linearly to 0 over ``anneal_env_steps`` env steps learned from (0: constant),
+    rate anneals linearly to 0 over ``anneal_env_steps`` env steps learned from (0 or None:
+    constant; a run resolves None to its budget before building the algorithm),
     acting by sampling the policy, and the state a checkpoint holds."""
 
     def __init__(self, spec: EnvSpec, config: Any, device: torch.device):
@@ -258,7 +261,7 @@ class PPO(ActorCriticLearner):
     # reaches 475 (the env's reward threshold), within 100k env steps. RL-Zoo's settings with 10
     # epochs instead of 20: half the gradient steps, about the same env steps (BENCHMARKS.md).
     preset: ClassVar[dict[str, Any]] = {
-        "algo": {"name": "ppo", "lr": 1e-3, "anneal_env_steps": 100_000, "gamma": 0.98,
+        "algo": {"name": "ppo", "lr": 1e-3, "gamma": 0.98,
                  "gae_lambda": 0.8, "rollout_length": 32, "epochs": 10, "minibatch_size": 256,
                  "entropy_coef": 0.0, "clip_value": False},
         "env": {"id": "CartPole-v1", "num_envs": 8},

@@ -223,6 +223,23 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
+def with_run_defaults(model: type[BaseModel], params: dict[str, Any], config: Config) -> dict[str, Any]:
+    """``params`` (an algorithm's hyperparameters) completed from the run: a field of ``model``
+    declared with ``json_schema_extra={"run_default": "train.total_env_steps"}`` that is unset or
+    None takes that run setting. So an algorithm's schedule can follow the run's budget (PPO's
+    learning rate anneals over ``train.total_env_steps``) without the algorithm knowing the run."""
+    out = dict(params)
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra
+        source = extra.get("run_default") if isinstance(extra, dict) else None
+        if source is not None and out.get(name) is None:
+            value: Any = config
+            for part in str(source).split("."):
+                value = getattr(value, part)
+            out[name] = value
+    return out
+
+
 # --- building a config from its sources -------------------------------------------------------
 
 

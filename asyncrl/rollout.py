@@ -169,6 +169,13 @@ class RolloutQueue:
             raise ValueError(f"{n} trajectories can never fit a queue of {self.capacity}")
 
 
+def min_queue_capacity(batch_size: int, max_put: int) -> int:
+    """The smallest queue that cannot wedge when producers put up to ``max_put`` trajectories at
+    a time and the consumer takes ``batch_size``: while fewer than ``batch_size`` are stored (the
+    consumer waits), ``max_put`` more must still fit, or each side waits for the other for ever."""
+    return batch_size + max_put - 1
+
+
 def _time_first(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.swapaxes(0, 1)) if array.ndim > 1 else array
 

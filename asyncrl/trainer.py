@@ -21,7 +21,7 @@ import torch
 from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
-from asyncrl.config import Config, ConfigError
+from asyncrl.config import Config, ConfigError, with_run_defaults
 from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, acting_copy, actor_state_spec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
@@ -34,7 +34,8 @@ from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.sequence import SequenceAdder, SequenceReplay
 from asyncrl.stream import MetricStream
-from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, TrajectoryLearner
+from asyncrl.rollout import (OnPolicyActor, RolloutQueue, TrajectoryAdder, TrajectoryLearner,
+                             min_queue_capacity)
 from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
@@ -75,7 +76,7 @@ def placement(config: Config, device: torch.device, env_fn: Callable | None) -> 
 def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) -> Components:
     """Everything a run is made of, and what feeds what, in one screen."""
     algo_cls = registry.get(config.algo.name)
-    algo_config = registry.algo_config(algo_cls, config.algo.params)
+    algo_config = registry.algo_config(algo_cls, with_run_defaults(algo_cls.Config, config.algo.params, config))
     e, seed, n = config.env, config.train.seed, config.actors.num_actors
     try:
         device = pick_device(config.learner.device)
@@ -220,9 +221,13 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     else:
         batch, publish_every = config.learner.batch_size, config.learner.publish_every
         capacity = config.replay.queue_capacity or 2 * max(batch, streams)
-        if batch > capacity:
-            raise ConfigError(f"learner.batch_size ({batch} trajectories) exceeds "
-                              f"replay.queue_capacity ({capacity})")
+        # One actor batch can finish a trajectory in each of its envs at once.
+        least = min_queue_capacity(batch, e.actor_batch)
+        if capacity < least:
+            raise ConfigError(
+                f"invalid config: replay.queue_capacity ({capacity}) must be at least {least}: "
+                f"learner.batch_size ({batch}) + the envs an actor steps per batch ({e.actor_batch}) "
+                "- 1, or actors and learner can wait for each other for ever")
     queue = RolloutQueue(capacity, data.length, spec.obs_shape, spec.obs_dtype, spec.action_shape,
                          spec.action_dtype, data.extras)
     store = WeightStore.for_module(algo.acting_network)

@@ -79,8 +79,19 @@ def test_ppo_resume_continues_counters_and_schedule(tmp_path):
     second = run(trainer)
     assert second["env_steps"] >= 3000 and second["updates"] > first["updates"]
     assert trainer.c.algo.env_steps > state["algo"]["env_steps"]
-    lr = trainer.c.algo.learning_rate()
-    assert lr == pytest.approx(1e-3 * (1 - trainer.c.algo.env_steps / 100_000))
+    lr = trainer.c.algo.learning_rate()  # annealed over the resumed run's budget
+    assert lr == pytest.approx(1e-3 * max(0.0, 1 - trainer.c.algo.env_steps / 3000))
+
+
+@pytest.mark.parametrize("extra, anneal", [((), 2000), (("algo.anneal_env_steps=0",), 0),
+                                           (("algo.anneal_env_steps=50_000",), 50_000)])
+def test_ppo_anneals_its_learning_rate_over_the_runs_budget_unless_set(tmp_path, extra, anneal):
+    trainer = Trainer(ppo("train.total_env_steps=2000", *extra), run_dir=tmp_path)
+    run(trainer)
+    algo = trainer.c.algo
+    assert algo.config.anneal_env_steps == anneal
+    expected = 1e-3 * (max(0.0, 1 - algo.env_steps / anneal) if anneal else 1.0)
+    assert algo.env_steps > 1000 and algo.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_ppo_refuses_process_actors_and_async_env_batches(tmp_path):
@@ -118,6 +129,20 @@ def test_impala_with_process_actors_logs_policy_lag_and_leaves_nothing_behind(tm
 def test_impala_inline(tmp_path, mode):
     result = run(Trainer(impala("actors.placement='inline'", f"train.mode='{mode}'"), run_dir=tmp_path))
     assert result["env_steps"] >= 3000 and result["updates"] > 0
+
+
+@pytest.mark.parametrize("capacity, accepted", [(30, False), (38, False), (39, True)])
+def test_impala_refuses_a_rollout_queue_that_can_wedge(tmp_path, capacity, accepted):
+    # 16 envs finish 16 trajectories at once; a batch is 24: after one put of 16 into a queue of
+    # 30, neither 16 more nor a batch fits, and actors and learner wait for each other for ever.
+    config = impala("actors.placement='inline'", "env.num_envs=16", "learner.batch_size=24",
+                    f"replay.queue_capacity={capacity}", "algo.trajectory_length=4")
+    trainer = Trainer(config, run_dir=tmp_path)
+    if accepted:
+        assert run(trainer, timeout=60)["updates"] > 0
+    else:
+        with pytest.raises(ConfigError, match=r"replay.queue_capacity \(\d+\) must be at least 39"):
+            run(trainer, timeout=60)
 
 
 def test_impala_refuses_continuous_actions():

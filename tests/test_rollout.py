@@ -12,7 +12,7 @@ import torch
 from algos.impala import vtrace
 from algos.ppo import gae
 from asyncrl.ratelimit import LimiterStopped
-from asyncrl.rollout import RolloutQueue, TrajectoryAdder
+from asyncrl.rollout import RolloutQueue, TrajectoryAdder, min_queue_capacity
 
 EXTRAS = {"log_prob": ((), np.dtype(np.float32))}
 
@@ -272,6 +272,23 @@ def test_producers_wait_while_full_and_a_take_releases_them():
         assert queue.take(2)[0]["weight_version"].tolist() == [1, 2]
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+@pytest.mark.parametrize("batch, max_put", [(1, 1), (24, 16), (8, 32), (5, 3)])
+def test_a_queue_of_min_capacity_never_wedges_and_one_less_can(batch, max_put):
+    def wedged(capacity: int, stored: int) -> bool:
+        """Neither a put of max_put nor a batch fits once ``stored`` trajectories are in."""
+        queue = RolloutQueue(capacity, 2, (1,), np.dtype(np.float32), (), np.dtype(np.int64), EXTRAS)
+        assert stored == 0 or queue.try_insert(stored)
+        for _ in range(stored):
+            put_one(queue, 0)
+        return not queue.try_sample(batch) and not queue.try_insert(max_put)
+
+    least = min_queue_capacity(batch, max_put)
+    assert least >= max(batch, max_put)
+    assert not any(wedged(least, stored) for stored in range(least + 1))
+    if least - 1 >= max(batch, max_put):  # a smaller queue that takes a put and a batch at all
+        assert any(wedged(least - 1, stored) for stored in range(least))
 
 
 def test_stop_releases_waiting_producers_and_consumers():
