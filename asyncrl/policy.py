@@ -133,8 +133,10 @@ def load_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> Po
 
     The algorithm's networks need the env's :class:`EnvSpec`: checkpoints carry it in their
     manifest (so runs on a Python env factory load too, and no env library runs here); an older
-    checkpoint without it gets it from one env of the config's id. Raises
-    :class:`CheckpointError` (one line) when there is nothing loadable."""
+    checkpoint without it gets it from one env of the config's id. A checkpoint that does not
+    load or does not fit the config (tensors of other shapes, missing keys) is passed over for
+    the next older one; :class:`CheckpointError` (one line) when none is left, or when the
+    named one is such a checkpoint."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
@@ -142,20 +144,30 @@ def load_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> Po
         config = validate(read_file(run_dir / "config.json"))
     except ConfigError as exc:
         raise CheckpointError(f"{run_dir}/config.json: {exc}") from None
+    cls = registry.get(config.algo.name)
+    params = registry.algo_config(cls, config.algo.params)
+    probed: list[EnvSpec] = []  # one env probe at most, for checkpoints without a spec
+    built: dict[str, Any] = {}
+
+    def build_and_load(path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
+        # Raises (KeyError, a size-mismatch RuntimeError, ValueError) when the checkpoint does
+        # not fit the run's config: load_latest then falls back to an older one.
+        if "env_spec" in manifest:
+            spec = spec_from_dict(manifest["env_spec"])
+        else:
+            probed[:] = probed or [_probe_spec(config)]
+            spec = probed[0]
+        algo = cls(spec, params, torch.device("cpu"))
+        algo.load_state_dict(state["algo"])
+        built.update(algo=algo, spec=spec)
+
     if checkpoint is None:
-        path, manifest, state = ckpt.load_latest(run_dir / "checkpoints")
+        _, manifest, _ = ckpt.load_latest(run_dir / "checkpoints", accept=build_and_load)
     else:
         path = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / checkpoint
-        manifest, state = ckpt.load(path)
-    spec = spec_from_dict(manifest["env_spec"]) if "env_spec" in manifest else _probe_spec(config)
-    cls = registry.get(config.algo.name)
-    algo = cls(spec, registry.algo_config(cls, config.algo.params), torch.device("cpu"))
-    try:
-        algo.load_state_dict(state["algo"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} does not fit the run's config: {reason}") from None
-    return Policy(algo, algo.acting_network, spec, manifest.get("weight_version", 0),
+        manifest, _ = ckpt.load(path, accept=build_and_load)
+    algo = built["algo"]
+    return Policy(algo, algo.acting_network, built["spec"], manifest.get("weight_version", 0),
                   manifest.get("env_steps"))
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import logging
+import shutil
 import sys
 
 import pytest
+import torch
 
-from asyncrl import Trainer, cli
+from asyncrl import Trainer, checkpoint, cli, registry
+from asyncrl.config import validate
 from asyncrl.metrics import read_jsonl
+from asyncrl.policy import spec_from_dict
 
 from test_cli import write_run_with_corrupt_checkpoints
 from test_trainer import SHORT
@@ -54,6 +59,50 @@ def test_eval_errors_are_one_line_and_exit_2(tmp_path, run_dir, capsys, case):
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert len(error_lines(err)) == 1 and err.startswith("error:")
+
+
+def replace_newest_state(run_dir, tmp_path, state_of) -> tuple[int, int]:
+    """A copy of the run in ``tmp_path`` whose newest checkpoint holds ``state_of(manifest)``
+    instead of its own state; its (newest, older) env steps."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    newest, older = checkpoint.checkpoints(copy / "checkpoints")[:2]
+    manifest, _ = checkpoint.load(newest)
+    manifest.pop("format")
+    checkpoint.save(copy / "checkpoints", manifest["env_steps"], manifest, state_of(manifest), keep=3)
+    return checkpoint.load(newest)[0]["env_steps"], checkpoint.load(older)[0]["env_steps"]
+
+
+def state_of_another_config(manifest: dict) -> dict:
+    """What a run with other network widths saves: the same keys, tensors of other shapes."""
+    cls = registry.get("dqn")
+    params = {**validate(manifest["config"]).algo.params, "hidden": [16]}
+    algo = cls(spec_from_dict(manifest["env_spec"]), registry.algo_config(cls, params), torch.device("cpu"))
+    return {"algo": algo.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def state_without_algo(manifest: dict) -> dict:
+    return {"torch_rng": torch.get_rng_state()}
+
+
+@pytest.mark.parametrize("state_of", [state_of_another_config, state_without_algo])
+def test_eval_passes_over_a_newest_checkpoint_that_does_not_fit(run_dir, tmp_path, capsys, caplog, state_of):
+    newest, older = replace_newest_state(run_dir, tmp_path, state_of)
+    with caplog.at_level(logging.WARNING, logger="asyncrl"):
+        assert cli.main(["eval", str(tmp_path / "run"), "--episodes", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["env_steps"] == older
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"step_{newest:012d} does not fit" in warnings[0]
+
+
+def test_eval_of_a_named_checkpoint_that_does_not_fit_is_one_line_and_exit_2(run_dir, tmp_path, capsys):
+    newest, _ = replace_newest_state(run_dir, tmp_path, state_of_another_config)
+    assert cli.main(["eval", str(tmp_path / "run"), "--checkpoint", f"step_{newest:012d}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and err.startswith("error:")
+    assert f"step_{newest:012d} does not fit" in err
 
 
 def test_list_names_algorithms_configs_and_envs(capsys, monkeypatch, tmp_path):
