@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -45,7 +46,6 @@ class Recorder:
                  env_steps: int = 0, updates: int = 0, episodes: int = 0):
         self.log_every = log_every
         self.sinks = sinks
-        self.env_steps, self.updates, self.episodes = env_steps, updates, episodes
         self.returns: deque[float] = deque(maxlen=100)
         self.lengths: deque[int] = deque(maxlen=100)
         self.losses: dict[str, Any] = {}
@@ -55,15 +55,30 @@ class Recorder:
         self.timer = PhaseTimer()
         self.queue_probe: Callable[[], dict[str, float]] = dict
         self.counter_probe: Callable[[], dict[str, float]] = dict  # charts/ counts (faults survived)
-        self._wall_offset = wall_offset
         self._start = time.perf_counter()
-        self._next_log = (env_steps // log_every + 1) * log_every
-        self._last = (time.perf_counter(), env_steps, updates)
         self.listeners: list[Callable[[dict[str, float]], None]] = []
+        self.resume_at(env_steps, updates, episodes, wall_offset)
+
+    def resume_at(self, env_steps: int, updates: int, episodes: int, wall_s: float) -> None:
+        """Continue the counters of a checkpoint: rows go on from its env steps, and ``wall_s``
+        adds the time since this recorder was made (start-up included) to the checkpoint's."""
+        self.env_steps, self.updates, self.episodes = env_steps, updates, episodes
+        self._wall_offset = wall_s
+        self._next_log = (env_steps // self.log_every + 1) * self.log_every
+        self._last = (time.perf_counter(), env_steps, updates)
 
     @property
     def wall_s(self) -> float:
         return self._wall_offset + time.perf_counter() - self._start
+
+    def resume_at(self, env_steps: int, updates: int, episodes: int, wall_s: float) -> None:
+        """Continue the counters of a restored checkpoint: rows go on from its env steps, and
+        wall time from its wall time."""
+        self.env_steps, self.updates, self.episodes = env_steps, updates, episodes
+        self._wall_offset = wall_s
+        self._start = time.perf_counter()
+        self._next_log = (env_steps // self.log_every + 1) * self.log_every
+        self._last = (self._start, env_steps, updates)
 
     def episode_done(self, returns: list[float], lengths: list[int]) -> None:
         self.returns.extend(returns)
@@ -172,7 +187,7 @@ class TensorBoardSink:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics file; a torn last line (a killed run) is skipped."""
+    """Rows of a metrics file, as written; a torn last line (a killed run) is skipped."""
     rows = []
     with open(path) as f:
         for line in f:
@@ -181,3 +196,58 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def drop_superseded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the last timeline: where env steps go backwards (a run resumed from a
+    checkpoint before :func:`truncate_jsonl` existed), the rows at or past the step it went back
+    to are the killed run's and are dropped. Rows of one step (a log row, then an eval row) stay.
+    The killed run's rows between its checkpoint and the resumed run's first row cannot be told
+    from the resumed run's and stay: at most a logging interval's, in order of env steps."""
+    kept: list[dict[str, Any]] = []
+    for row in rows:
+        steps = row.get("env_steps", math.inf)
+        if kept and kept[-1].get("env_steps", -math.inf) > steps:
+            # Back to a step already passed: from that step on, the kept rows were the killed run's.
+            while kept and kept[-1].get("env_steps", -math.inf) >= steps:
+                kept.pop()
+        kept.append(row)
+    return kept
+
+
+def truncate_jsonl(path: Path, env_steps: int) -> int:
+    """Keep the rows of ``path`` up to ``env_steps`` (the checkpoint a run resumes from) and
+    return how many went. The dropped rows (the killed run's, past the checkpoint) are appended
+    to ``<name>.superseded.jsonl`` beside it: they are what happened before the kill (a
+    divergence, a slowdown), worth a look, but not this run's history, which must not go
+    backwards in env steps. The file is replaced atomically; a torn last line is dropped."""
+    if not path.exists():
+        return 0
+    keep, drop, torn = [], [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn = True  # the killed run's last write: the next row would be glued to it
+                continue
+            line = line if line.endswith("\n") else line + "\n"
+            (keep if row.get("env_steps", 0) <= env_steps else drop).append(line)
+    if not drop and not torn:
+        return 0
+    # The dropped rows are stored first: a crash in between duplicates them there, never loses them.
+    if drop:
+        with open(path.with_name(f"{path.stem}.superseded.jsonl"), "a") as f:
+            f.writelines(drop)
+            f.flush()
+            os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if drop:
+        log.info("%s: %d row(s) past %d env steps, the killed run's, moved to %s", path.name,
+                 len(drop), env_steps, f"{path.stem}.superseded.jsonl")
+    return len(drop)

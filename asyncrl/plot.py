@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from asyncrl.config import ConfigError
-from asyncrl.metrics import read_jsonl
+from asyncrl.metrics import drop_superseded, read_jsonl
 
 # (key, line style, label suffix): the greedy evaluation, and the training episodes' return
 SERIES = (("eval/return_mean", "-", "eval"), ("charts/episodic_return", ":", "train"))
@@ -32,7 +32,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
         path = run_dir / "metrics.jsonl"
         if not path.is_file():
             raise ConfigError(f"{run_dir} has no metrics.jsonl: not a run directory")
-        runs.append((run_dir, read_jsonl(path)))
+        # A run resumed before its file was truncated went back in env steps: its last timeline.
+        runs.append((run_dir, drop_superseded(read_jsonl(path))))
     if out is None:
         out = runs[0][0] / "plot.png" if len(runs) == 1 else Path("plot.png")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)

@@ -124,6 +124,31 @@ def test_plot_writes_an_image_of_runs_overlaid(run_dir, tmp_path, capsys):
     assert any("eval/return_mean" in r for r in read_jsonl(run_dir / "metrics.jsonl"))
 
 
+def test_plot_draws_the_last_timeline_of_a_run_resumed_before_truncation(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    run = tmp_path / "old_run"
+    run.mkdir()
+    # A resume from the checkpoint at 12,000 appended to the killed run's rows up to 16,003.
+    steps = [10000, 12000, 14000, 16003, 12000, 14001, 16000]
+    run.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"env_steps": s, "wall_s": i, "eval/return_mean": float(i)}) + "\n"
+        for i, s in enumerate(steps)))
+    drawn = []
+    real_plot = Axes.plot
+
+    def plot(self, x, *args, **kwargs):
+        drawn.append(list(x))
+        return real_plot(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
+    capsys.readouterr()
+    assert drawn[0] == [10000, 12000, 14001, 16000]  # env steps, never going back
+    assert drawn[1] == [0, 4, 5, 6]  # wall seconds of those rows: the resumed run's
+
+
 def test_plot_without_matplotlib_is_one_line_and_exit_2(run_dir, monkeypatch, capsys):
     real_import = builtins.__import__
 
