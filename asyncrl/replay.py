@@ -236,12 +236,15 @@ class Replay:
             self.max_priority = max(self.max_priority, float(priorities.max()))
 
     def state_dict(self) -> dict[str, Any]:
-        """The replay's contents. The large arrays are views, not copies (a full Atari replay
+        """The replay's contents: numpy arrays, ``max_priority`` (a float) and ``rng``, the
+        sampling RNG's state (plain dict data, JSON-able), so a restored replay draws what this
+        one would have drawn next. The large arrays are views, not copies (a full Atari replay
         is tens of GB): serialise the dict before inserting again."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
         state["priorities"] = (self._tree.get(np.arange(self.capacity)) if self._tree is not None
                                else self._sampleable.astype(np.float64))
         state["max_priority"] = self.max_priority
+        state["rng"] = self._rng.bit_generator.state
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -266,6 +269,7 @@ class Replay:
             self._sampleable[:] = state["priorities"] > 0
             self._num_sampleable = int(np.count_nonzero(self._sampleable))
         self.max_priority = float(state["max_priority"])
+        self._rng.bit_generator.state = state["rng"]
 
     def _leaf(self, streams: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return streams * self.stream_capacity + cols

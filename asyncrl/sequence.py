@@ -228,16 +228,20 @@ class SequenceReplay:
             self.max_priority = max(self.max_priority, float(priorities.max()))
 
     def state_dict(self) -> dict[str, Any]:
-        """The replay's contents (views, not copies: serialise before inserting again)."""
+        """The replay's contents (views, not copies: serialise before inserting again), with
+        ``max_priority`` and the sampling RNG's state ``rng`` as plain data, as
+        :meth:`Replay.state_dict <asyncrl.replay.Replay.state_dict>` has them."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
         state.update({f"state/{name}": array for name, array in self.states.items()})
         state["priorities"] = self._tree.get(np.arange(self.capacity))
         state["max_priority"] = self.max_priority
+        state["rng"] = self._rng.bit_generator.state
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = {**{name: getattr(self, name) for name in self._ARRAYS},
-                **{f"state/{name}": array for name, array in self.states.items()}}
+                **{f"state/{name}": array for name, array in self.states.items()},
+                "priorities": np.zeros(self.capacity)}  # checked here, loaded into the tree below
         for name, array in mine.items():
             theirs = np.asarray(state[name])
             if theirs.shape != array.shape or theirs.dtype != array.dtype:
@@ -250,6 +254,7 @@ class SequenceReplay:
         self._tree = SumTree(self.capacity)
         self._tree.update(np.arange(self.capacity), state["priorities"])
         self.max_priority = float(state["max_priority"])
+        self._rng.bit_generator.state = state["rng"]
 
     def _leaf(self, streams: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return streams * self.stream_capacity + cols

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -235,15 +237,18 @@ def test_state_dict_round_trip():
     insert_steps(original, 1, episodes[:9])
     keys = np.array([14 * 2 + 0, 9 * 2 + 0, 3 * 2 + 1, 6 * 2 + 1])  # position * streams + stream
     original.update_priorities(keys, [5.0, 0.5, 2.0, 7.0])
-    state = {name: np.array(value, copy=True) for name, value in original.state_dict().items()}
-    restored = make_replay(24, num_streams=2, n_step=2, priority_exponent=0.6)
+    original.sample(8, 0.5)  # its RNG moves on: the restored one must continue from there
+    # As a checkpoint keeps it: arrays copied, the rest through JSON.
+    state = {name: np.array(value, copy=True) if isinstance(value, np.ndarray)
+             else json.loads(json.dumps(value)) for name, value in original.state_dict().items()}
+    restored = Replay(24, 2, (2,), np.float32, (), np.int64, 2, 0.5, priority_exponent=0.6, seed=1)
     restored.load_state_dict(state)
     for name in Replay._ARRAYS:
         np.testing.assert_array_equal(getattr(restored, name), getattr(original, name))
     np.testing.assert_array_equal(restored._tree.tree, original._tree.tree)
     assert restored.max_priority == original.max_priority == pytest.approx(7.0 + 1e-6)
     assert (restored.num_sampleable, restored.size) == (original.num_sampleable, original.size)
-    a, b = original.sample(64, 0.5), restored.sample(64, 0.5)  # same seed, same state
+    a, b = original.sample(64, 0.5), restored.sample(64, 0.5)  # other seeds, same state
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     with pytest.raises(ValueError, match="another capacity"):
