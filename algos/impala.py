@@ -15,17 +15,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
 from algos.nets import Widths
 from algos.ppo import ActorCriticLearner, log_prob_entropy
+from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
 
 
-class IMPALAConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class IMPALAConfig(ConfigModel):
     lr: float = Field(6e-4, gt=0, description="Adam learning rate at the start.")
     anneal_env_steps: int | None = Field(
         0, ge=0, json_schema_extra={"run_default": "train.total_env_steps"},

@@ -18,18 +18,17 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 from torch.func import functional_call, grad
 
 from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
 from algos.nets import ActorCritic, Widths
+from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, Metrics, TrajectoryBatch, TrajectoryData
 
 
-class PPOConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class PPOConfig(ConfigModel):
     lr: float = Field(2.5e-4, gt=0, description="Adam learning rate at the start.")
     anneal_env_steps: int | None = Field(
         None, ge=0, json_schema_extra={"run_default": "train.total_env_steps"},

@@ -8,9 +8,12 @@ or ``--set key=value``, applied in that order. The resolved config is written to
 from __future__ import annotations
 
 import json
+import math
+import os
 import tomllib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -20,11 +23,34 @@ class ConfigError(ValueError):
     """A config the user gave is invalid; the message is one line naming the field."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+MAX_SEED = 2**31 - 1  # EnvPool takes int32 seeds
+EVAL_SEED_OFFSET = 1_000_003  # evaluation envs' seeds start here past train.seed, apart from training's
 
 
-class EnvConfig(_Section):
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType, Annotated):
+        return any(_takes_bool(arg) for arg in get_args(annotation))
+    return False
+
+
+class ConfigModel(BaseModel):
+    """The base of every config section and of every algorithm's config: frozen, unknown keys
+    refused, and numbers that are numbers: pydantic would take ``true`` as 1 for an int or a
+    float field and accept inf and nan for a float one, which no count, size or rate means."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+class EnvConfig(ConfigModel):
     id: str = Field("CartPole-v1", description="EnvPool id (or any Gymnasium id EnvPool lacks).")
     num_envs: int = Field(8, ge=1, description="Environments per actor.")
     batch_size: int | None = Field(
@@ -58,7 +84,7 @@ class EnvConfig(_Section):
         return batch_size
 
 
-class RayConfig(_Section):
+class RayConfig(ConfigModel):
     """Where and how remote actors run when ``actors.backend = "ray"``."""
 
     address: str | None = Field(
@@ -85,7 +111,7 @@ class RayConfig(_Section):
         120.0, gt=0, description="Seconds a remote actor may take to be placed and start.")
 
 
-class ActorsConfig(_Section):
+class ActorsConfig(ConfigModel):
     num_actors: int = Field(1, ge=1, description="Actor tasks, each driving its own env pool.")
     backend: Literal["local", "ray"] = Field(
         "local",
@@ -102,7 +128,7 @@ class ActorsConfig(_Section):
         "CPU, inline on CUDA and in serial mode.")
 
 
-class ReplayConfig(_Section):
+class ReplayConfig(ConfigModel):
     capacity: int = Field(100_000, ge=1, description="Transitions held (a preallocated ring).")
     prioritized: bool = Field(False, description="Prioritised sampling on a sum-tree.")
     priority_exponent: float = Field(0.6, ge=0, description="alpha: how much priorities count.")
@@ -121,7 +147,7 @@ class ReplayConfig(_Section):
         "full). None: two learner batches, at least two per env. PPO: always one rollout.")
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(ConfigModel):
     batch_size: int = Field(32, ge=1, description="Transitions per update.")
     publish_every: int = Field(1, ge=1, description="Updates between weight publications.")
     max_nonfinite_in_a_row: int = Field(
@@ -151,8 +177,12 @@ class LearnerConfig(_Section):
         return device
 
 
-class TrainConfig(_Section):
-    seed: int = Field(0, description="Seeds envs, networks and exploration.")
+class TrainConfig(ConfigModel):
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED,
+        description="Seeds envs, networks and exploration. Envs get seeds from it up to seed + the "
+        "number of envs, and evaluation envs from seed + 1_000_003; all must stay within EnvPool's "
+        "int32 seeds.")
     total_env_steps: int = Field(100_000, ge=1, description="The run stops after this many env steps.")
     mode: Literal["async", "serial"] = Field(
         "async",
@@ -161,13 +191,22 @@ class TrainConfig(_Section):
     eval_every: int = Field(10_000, ge=1, description="Env steps between greedy evaluations.")
     eval_episodes: int = Field(20, ge=1, description="Episodes per evaluation (one per eval env).")
     target_return: float | None = Field(
-        None, description="Stop early once an evaluation's mean return reaches this.")
+        None, allow_inf_nan=True,
+        description="Stop early once an evaluation's mean return reaches this (inf: never, for a "
+        "TOML file overriding a preset's target, TOML having no None).")
     log_every: int = Field(2_000, ge=1, description="Env steps between rows of metrics.jsonl.")
     checkpoint_every: int = Field(25_000, ge=1, description="Env steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
     run_dir: str | None = Field(None, description="Where the run writes; None: runs/<algo>-<env>-<time>.")
     live: bool = Field(True, description="Show the live terminal view (CLI only).")
     tensorboard: bool = Field(True, description="Also write TensorBoard scalars when tensorboard is installed.")
+
+    @field_validator("target_return")
+    @classmethod
+    def _target_is_a_number(cls, target: float | None) -> float | None:
+        if target is not None and math.isnan(target):
+            raise ValueError("must be a number (inf: never stop early), not nan")
+        return target
 
 
 class AlgoSection(BaseModel):
@@ -182,7 +221,7 @@ class AlgoSection(BaseModel):
         return dict(self.model_extra or {})
 
 
-class Config(_Section):
+class Config(ConfigModel):
     algo: AlgoSection = Field(default_factory=AlgoSection)
     env: EnvConfig = Field(default_factory=EnvConfig)
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
@@ -217,10 +256,40 @@ class Config(_Section):
         if self.replay.capacity // self.num_streams < 16:
             raise ValueError(
                 f"replay.capacity ({self.replay.capacity}) is too small for {self.num_streams} envs")
+        if self.learner.batch_size > self.replay.capacity:
+            raise ValueError(f"learner.batch_size ({self.learner.batch_size}) exceeds replay.capacity "
+                             f"({self.replay.capacity})")
+        span = max(self.num_streams, EVAL_SEED_OFFSET + self.train.eval_episodes)
+        if self.train.seed + span - 1 > MAX_SEED:
+            raise ValueError(f"train.seed ({self.train.seed}) must be at most {MAX_SEED - span + 1}: "
+                             f"envs are seeded up to seed + {span - 1}, and EnvPool takes int32 seeds")
         return self
+
+    @property
+    def eval_seed(self) -> int:
+        """The first evaluation env's seed."""
+        return self.train.seed + EVAL_SEED_OFFSET
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def require_memory(field: str, what: str, nbytes: int) -> None:
+    """Refuse, naming ``field``, a buffer this machine cannot hold. Checked before allocating:
+    ``np.zeros`` takes a buffer larger than memory and fails only as it fills, hours later."""
+    have = machine_memory()
+    if nbytes > have:
+        raise ConfigError(f"invalid config: {field}: {what} needs {_size(nbytes)} of memory; this "
+                          f"machine has {_size(have)}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def with_run_defaults(model: type[BaseModel], params: dict[str, Any], config: Config) -> dict[str, Any]:

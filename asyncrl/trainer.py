@@ -21,7 +21,7 @@ import torch
 from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
-from asyncrl.config import Config, ConfigError, with_run_defaults
+from asyncrl.config import Config, ConfigError, require_memory, with_run_defaults
 from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, acting_copy, actor_state_spec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
@@ -119,18 +119,35 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             raise
     # actors -> adders -> replay (under the limiter) -> learner -> weight store -> actors
     alpha = r.priority_exponent if r.prioritized else 0.0
-    if isinstance(data, SequenceData):
-        try:
+    # A stored step: its observation, action and recurrent state, and ~32 bytes of reward, flags,
+    # position and sampling bookkeeping. A drawn transition holds two observations; a sequence
+    # its steps; the learner draws up to max_updates_per_call batches at once.
+    step_bytes = 32 + sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in
+                          [(spec.obs_shape, spec.obs_dtype), (spec.action_shape, spec.action_dtype),
+                           *(state_spec or {}).values()])
+    chunk, batch = config.learner.max_updates_per_call, config.learner.batch_size
+    per_item = data.length if isinstance(data, SequenceData) else 2
+    try:
+        require_memory("replay.capacity", f"a replay of {r.capacity} steps", r.capacity * step_bytes)
+        require_memory("learner.batch_size", f"drawing {chunk} batches of {batch}",
+                       chunk * batch * per_item * step_bytes)
+        if isinstance(data, SequenceData):
             replay: Replay | SequenceReplay = SequenceReplay(
                 r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
                 spec.action_dtype, data.length, data.period, state_spec, priority_exponent=alpha, seed=seed)
-        except ValueError as exc:
-            for env in envs:
-                env.close()
+        else:
+            replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype,
+                            spec.action_shape, spec.action_dtype, data.n_step, data.gamma,
+                            priority_exponent=alpha, seed=seed)
+    except BaseException as exc:
+        for env in envs:
+            env.close()
+        if isinstance(exc, MemoryError):
+            raise ConfigError(f"invalid config: replay.capacity: a replay of {r.capacity} steps does "
+                              "not fit in this machine's memory") from None
+        if isinstance(exc, ValueError) and not isinstance(exc, ConfigError):
             raise ConfigError(f"invalid config: replay: {exc}") from None
-    else:
-        replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                        spec.action_dtype, data.n_step, data.gamma, priority_exponent=alpha, seed=seed)
+        raise
     limiter = RateLimiter(r.samples_per_insert, r.min_size_to_sample, config.error_buffer,
                           config.learner.batch_size)
     store = WeightStore.for_module(algo.acting_network)
@@ -228,6 +245,13 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
                 f"invalid config: replay.queue_capacity ({capacity}) must be at least {least}: "
                 f"learner.batch_size ({batch}) + the envs an actor steps per batch ({e.actor_batch}) "
                 "- 1, or actors and learner can wait for each other for ever")
+    # A trajectory: T + 1 observations, T actions and extras, and 8 bytes a step of reward and flags.
+    step_bytes = 8 + sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in
+                         [(spec.action_shape, spec.action_dtype), *data.extras.values()])
+    obs_bytes = int(np.prod(spec.obs_shape)) * spec.obs_dtype.itemsize
+    trajectory_bytes = data.length * step_bytes + (data.length + 1) * obs_bytes
+    require_memory("replay.queue_capacity" if config.replay.queue_capacity else "learner.batch_size",
+                   f"a rollout queue of {capacity} trajectories", capacity * trajectory_bytes)
     queue = RolloutQueue(capacity, data.length, spec.obs_shape, spec.obs_dtype, spec.action_shape,
                          spec.action_dtype, data.extras)
     store = WeightStore.for_module(algo.acting_network)

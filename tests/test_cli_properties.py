@@ -3,6 +3,8 @@ raises; an invalid config is exit code 2 and one line on stderr, before any env 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -99,3 +101,67 @@ def test_any_config_file_never_raises(tmp_path, capsys, no_run, text, suffix):
     path = tmp_path / f"config{suffix}"
     path.write_text(text)
     check_exit(capsys, cli.main(["run", "--no-live", "--config", str(path)]), no_run, invalid=False)
+
+
+# --- values that once slipped through: each is one line and exit 2, naming the field ------------
+
+SMALL_RUN = ["--set", "train.total_env_steps=300", "--set", "train.eval_episodes=1",
+             "--set", "replay.min_size_to_sample=100", "--set", "actors.placement='inline'"]
+
+
+def check_refused(capsys, code: int, reached: list, field: str) -> str:
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and not reached, (code, err)
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert f" {field}:" in lines[0] or f" {field} (" in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("algo, item, field", [
+    ("dqn", "learner.batch_size=true", "learner.batch_size"),
+    ("dqn", "env.num_envs=true", "env.num_envs"),
+    ("dqn", "replay.samples_per_insert=true", "replay.samples_per_insert"),
+    ("dqn", "learner.batch_size=1e12", "learner.batch_size"),
+    ("dqn", "learner.batch_size=200_000", "learner.batch_size"),  # more than the replay holds
+    ("dqn", "replay.samples_per_insert=inf", "replay.samples_per_insert"),
+    ("dqn", "replay.priority_exponent=nan", "replay.priority_exponent"),
+    ("dqn", "actors.ray.num_cpus=inf", "actors.ray.num_cpus"),
+    ("dqn", "train.target_return=nan", "train.target_return"),
+    ("dqn", "train.seed=-1", "train.seed"),
+    ("dqn", "train.seed=18446744073709551616", "train.seed"),  # beyond int64
+    ("dqn", "train.seed=2147483000", "train.seed"),  # an int32, but the evaluation envs' would not be
+    ("ppo", "algo.lr=inf", "algo.lr"),
+    ("ppo", "algo.epochs=true", "algo.epochs"),
+    ("ppo", "algo.anneal_env_steps=true", "algo.anneal_env_steps"),
+    ("impala", "algo.lr=nan", "algo.lr"),
+])
+def test_values_that_slipped_through_exit_2_naming_the_field(capsys, no_run, algo, item, field):
+    check_refused(capsys, cli.main(["run", algo, "--no-live", "--set", item]), no_run, field)
+
+
+def test_a_target_return_of_inf_means_never_stop_early(capsys, no_run):
+    assert cli.main(["run", "--no-live", "--set", "train.target_return=inf"]) == 0
+    assert no_run[0].train.target_return == float("inf")
+
+
+@pytest.mark.parametrize("algo, item, field", [
+    ("dqn", "replay.capacity=1e12", "replay.capacity"),
+    ("impala", "replay.queue_capacity=1e12", "replay.queue_capacity"),
+])
+def test_a_buffer_larger_than_memory_is_refused_before_allocating(tmp_path, capsys, algo, item, field):
+    code = cli.main(["run", algo, "--no-live", "--run-dir", str(tmp_path / "run"), *SMALL_RUN,
+                     "--set", item])
+    line = check_refused(capsys, code, [], field)
+    assert "GiB of memory; this machine has" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_check_counts_what_the_replay_holds(tmp_path, capsys, monkeypatch):
+    # 100k CartPole steps (16-byte observations, 8-byte actions, and what each slot keeps beside
+    # them) take more than 2 MiB.
+    monkeypatch.setattr("asyncrl.config.machine_memory", lambda: 2 * 2**20)
+    code = cli.main(["run", "dqn", "--no-live", "--run-dir", str(tmp_path / "run"), *SMALL_RUN,
+                     "--set", "replay.capacity=100_000", "--set", "learner.batch_size=32"])
+    line = check_refused(capsys, code, [], "replay.capacity")
+    assert re.search(r"a replay of 100000 steps needs [3-9]\.\d MiB of memory; this machine has 2\.0 MiB", line)

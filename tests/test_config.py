@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import Field, ValidationError
 
 from algos.dqn import DQN
 from asyncrl import registry
 from asyncrl.config import (
-    Config, ConfigError, build_config, deep_merge, parse_override, read_file, validate,
+    Config, ConfigError, ConfigModel, build_config, deep_merge, parse_override, read_file, validate,
+    with_run_defaults,
 )
 
 CARTPOLE_TOML = Path(__file__).resolve().parents[1] / "configs" / "dqn_cartpole.toml"
@@ -300,6 +302,35 @@ def test_any_override_validates_or_raises_config_error(pairs):
         assert json.dumps(validate(json.loads(dumped)).to_dict(), sort_keys=True) == dumped
 
 
-@given(st.integers(-2**63, 2**63 - 1))
+@given(st.integers(0, 2**31 - 1 - 1_000_003 - 19))  # the preset's 20 evaluation envs seed up to + 1_000_022
 def test_integer_override_round_trips(seed):
     assert build_config(DQN.preset, overrides=[f"train.seed={seed}"]).train.seed == seed
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31 - 1 - 1_000_003 - 19 + 1, 2**63, 2**64])
+def test_seeds_that_some_env_could_not_take_are_refused(seed):
+    assert "train.seed" in _config_error([f"train.seed={seed}"])
+
+
+class _Params(ConfigModel):
+    steps: int | None = Field(None, ge=0, json_schema_extra={"run_default": "train.total_env_steps"})
+    rate: float = 1.0
+    flag: bool | None = None
+
+
+@pytest.mark.parametrize("params, steps", [({}, 5000), ({"steps": None}, 5000), ({"steps": 0}, 0),
+                                           ({"steps": 7}, 7)])
+def test_an_algorithm_field_can_default_to_a_run_setting(params, steps):
+    config = build_config(DQN.preset, overrides=["train.total_env_steps=5000"])
+    assert _Params.model_validate(with_run_defaults(_Params, params, config)).steps == steps
+
+
+@pytest.mark.parametrize("params, ok", [({"rate": True}, False), ({"steps": False}, False),
+                                        ({"rate": float("inf")}, False), ({"rate": float("nan")}, False),
+                                        ({"flag": True}, True), ({"rate": 2}, True), ({"steps": 3.0}, True)])
+def test_config_models_take_numbers_only_as_numbers(params, ok):
+    if ok:
+        _Params.model_validate(params)
+    else:
+        with pytest.raises(ValidationError):
+            _Params.model_validate(params)
