@@ -197,6 +197,12 @@ class TrainConfig(ConfigModel):
     log_every: int = Field(2_000, ge=1, description="Env steps between rows of metrics.jsonl.")
     checkpoint_every: int = Field(25_000, ge=1, description="Env steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
+    replay_checkpoint_every: int | None = Field(
+        None, ge=0,
+        description="Save the replay (its rings, priorities, cursors) and the rate limiter's counts "
+        "with every Nth checkpoint and the final one, so a resumed run continues with the data it "
+        "learned from. 0: never. None: every checkpoint when the full replay takes at most 512 MB, "
+        "never otherwise.")
     run_dir: str | None = Field(None, description="Where the run writes; None: runs/<algo>-<env>-<time>.")
     live: bool = Field(True, description="Show the live terminal view (CLI only).")
     tensorboard: bool = Field(True, description="Also write TensorBoard scalars when tensorboard is installed.")

@@ -26,8 +26,8 @@ from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, actin
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
 from asyncrl.faults import RunError
-from asyncrl.learner import Learner, pick_device
-from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink
+from asyncrl.learner import Learner, pick_device, run_to_completion
+from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink, truncate_jsonl
 from asyncrl.policy import LivePolicy, Policy, spec_to_dict
 from asyncrl.process_actor import ProcessActor, start_fork_server
 from asyncrl.ratelimit import RateLimiter
@@ -39,6 +39,8 @@ from asyncrl.rollout import (OnPolicyActor, RolloutQueue, TrajectoryAdder, Traje
 from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
+# train.replay_checkpoint_every = None saves a replay up to this size with every checkpoint.
+_AUTO_REPLAY_CHECKPOINT_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -149,7 +151,7 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             raise ConfigError(f"invalid config: replay: {exc}") from None
         raise
     limiter = RateLimiter(r.samples_per_insert, r.min_size_to_sample, config.error_buffer,
-                          config.learner.batch_size)
+                          config.learner.batch_size, sampleable=lambda: replay.num_sampleable)
     store = WeightStore.for_module(algo.acting_network)
     store.publish(algo.acting_network)
 
@@ -310,6 +312,7 @@ class Trainer:
         self._live_recorder: Recorder | None = None
         self._ended = False
         self._ckpt_error = ""
+        self._restored_replay = False
 
     @classmethod
     def from_algo(cls, algo: str = "dqn", *, env: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -360,40 +363,25 @@ class Trainer:
 
     async def run(self) -> dict[str, Any]:
         t = self.config.train
-        restored = checkpoint.load_latest(self.run_dir / "checkpoints") if self.resume else None
-        manifest = restored[1] if restored else {}
-        recorder = Recorder(t.log_every, [], wall_offset=manifest.get("wall_s", 0.0),
-                            env_steps=manifest.get("env_steps", 0), updates=manifest.get("updates", 0),
-                            episodes=manifest.get("episodes", 0))
+        self._live_recorder = recorder = Recorder(t.log_every, [])
         recorder.listeners.extend(stream.push for stream in self._streams)
-        self._live_recorder = recorder
         threads_before = torch.get_num_threads()
         torch.set_num_threads(self.config.learner.torch_threads)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-io")
         self._eval_env: VecEnv | None = None
         self._eval_net: torch.nn.Module | None = None
         try:
-            # Envs and networks first: a bad env id or config leaves no run directory behind.
-            self.c = c = build(self.config, recorder, self._env_fn)
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-                recorder.sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), *self._extra_sinks]
-            except OSError as exc:
-                raise ConfigError(f"cannot write the run directory {self.run_dir}: "
-                                  f"{exc.strerror or exc}") from None
-            if t.tensorboard and TensorBoardSink.available():
-                recorder.sinks.append(TensorBoardSink(self.run_dir / "tb"))
-            if self._stopping:
+            # Start-up takes seconds (imports, the env probe, worker processes, networks, a
+            # checkpoint to restore): on the I/O thread, so that a host's event loop goes on.
+            await self._off_loop(self._start, recorder)
+            c = self.c
+            if self._stopping:  # stop() came while the run was starting
                 c.limiter.stop()
-            if restored:
-                self._restore(restored[0], manifest, restored[2])
             recorder.queue_probe = self.queues
             recorder.counter_probe = self.counters
             self._next_eval = (recorder.env_steps // t.eval_every + 1) * t.eval_every
             self._next_ckpt = (recorder.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
             self._last_eval_version = -1
-            self._last_ckpt_step = recorder.env_steps if restored else -1
             self._eval_due, self._ckpt_due = asyncio.Event(), asyncio.Event()
             log.info("run directory %s", self.run_dir)
             try:
@@ -402,7 +390,7 @@ class Trainer:
             except asyncio.CancelledError:
                 # Every task has ended (the task group waited for them): the state is consistent.
                 try:
-                    self._final_checkpoint()
+                    await self._off_loop(self._final_checkpoint)
                 except RunError as exc:
                     log.error("%s", exc)
                 raise
@@ -410,13 +398,64 @@ class Trainer:
                 if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (RunError, ConfigError)):
                     raise group.exceptions[0] from None
                 raise
-            self._finish_sync()
+            await self._off_loop(self._finish_sync)
         finally:
-            self._close(threads_before)
-            self._ended = True
-            for stream in self._streams:
-                stream.close()
+            try:
+                await self._off_loop(self._close)  # joins worker processes: seconds at worst
+            finally:
+                self._io.shutdown(wait=True)  # idle by now: _close was its last job
+                torch.set_num_threads(threads_before)
+                self._ended = True
+                for stream in self._streams:
+                    stream.close()
         return self.result
+
+    async def _off_loop(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on the I/O thread, so the event loop (a host's too) keeps running. If the
+        awaiting task is cancelled meanwhile, ``fn`` still finishes before the cancellation goes
+        on: what it built is owned, and closed, by this run."""
+        return await run_to_completion(self._io, fn, *args)
+
+    def _start(self, recorder: Recorder) -> None:
+        """Build the run (on the I/O thread), restore a checkpoint when resuming, open the run
+        directory."""
+        t = self.config.train
+        ckpt_dir = self.run_dir / "checkpoints"
+        if not self.resume:
+            self._refuse_used_run_dir()
+        # Envs and networks first: a bad env id or config leaves no run directory behind.
+        self.c = c = build(self.config, recorder, self._env_fn)
+        self._replay_every = self._replay_checkpoint_every()
+        self._ckpts_since_replay = 0
+        restored = None
+        if self.resume:
+            restored = checkpoint.load_latest(ckpt_dir, accept=self._restore)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            if restored:
+                # The killed run's rows and checkpoints past the one resumed from: its future, which
+                # this run replaces (env steps never go backwards in metrics.jsonl).
+                truncate_jsonl(self.run_dir / "metrics.jsonl", recorder.env_steps)
+                checkpoint.discard_after(ckpt_dir, recorder.env_steps)
+            recorder.sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), *self._extra_sinks]
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory {self.run_dir}: "
+                              f"{exc.strerror or exc}") from None
+        if t.tensorboard and TensorBoardSink.available():
+            recorder.sinks.append(TensorBoardSink(self.run_dir / "tb"))
+        self._last_ckpt_step = recorder.env_steps if restored else -1
+        if restored:
+            log.info("resumed from %s at %d env steps%s", restored[0], recorder.env_steps,
+                     "" if self._restored_replay else " (the checkpoint holds no replay: it fills anew)")
+
+    def _refuse_used_run_dir(self) -> None:
+        """A fresh run never mixes its checkpoints and metrics with an earlier run's."""
+        used = [name for name in ("metrics.jsonl", "checkpoints") if (self.run_dir / name).exists()]
+        if used:
+            raise ConfigError(f"{self.run_dir} already holds a run ({' and '.join(used)}): continue it "
+                              f"with --resume {self.run_dir} (Trainer(..., resume=True)) or choose "
+                              "another run directory")
 
     # --- the two modes -----------------------------------------------------------------------
 
@@ -502,8 +541,8 @@ class Trainer:
             if self._stopping:
                 return
             async with self.c.learner.lock:  # no update in flight: a consistent state
-                manifest, state = self._snapshot()
-            await loop.run_in_executor(self._io, self._save, manifest, state)
+                snapshot = self._snapshot()
+            await loop.run_in_executor(self._io, self._save, *snapshot)
 
     # --- evaluation and checkpoints -----------------------------------------------------------
 
@@ -537,49 +576,94 @@ class Trainer:
         network, version = self._eval_network()
         self._record_eval(self._eval_returns(network), version)
 
-    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """What a checkpoint holds, taken between updates (the caller holds the learner's lock or
+        runs serially): counters, config, RNG states of every actor, the algorithm's state and,
+        when due, copies of the replay's arrays and the limiter's counts."""
         c, rec = self.c, self.c.recorder
         manifest = {
             "env_steps": rec.env_steps, "updates": rec.updates, "episodes": rec.episodes,
             "wall_s": rec.wall_s, "weight_version": c.store.version,
             "config": self.config.to_dict(), "env_spec": spec_to_dict(c.spec),
-            "actor_rngs": [json.dumps(a.rng.bit_generator.state) for a in c.actors if isinstance(a, Actor)],
+            # JSON text: a PCG64 state holds 128-bit integers, which msgpack cannot.
+            "actor_rngs": [json.dumps(a.rng_state()) for a in c.actors],
         }
         state = {"algo": _to_cpu(c.algo.state_dict()), "torch_rng": torch.get_rng_state()}
-        return manifest, state
+        replay = None
+        if self._replay_every and self._ckpts_since_replay + 1 >= self._replay_every:
+            # Copies: the loop goes on inserting while the I/O thread writes them.
+            replay = {k: v.copy() if isinstance(v, np.ndarray) else v
+                      for k, v in c.replay.state_dict().items()}
+            manifest["limiter"] = c.limiter.state_dict()
+        return manifest, state, replay
 
-    def _save(self, manifest: dict[str, Any], state: dict[str, Any]) -> bool:
+    def _replay_checkpoint_every(self) -> int:
+        """0 (never) for on-policy runs, whose queue holds only trajectories not yet learned from."""
+        every = self.config.train.replay_checkpoint_every
+        if not isinstance(self.c.limiter, RateLimiter) or every == 0:
+            return 0
+        if every is None:
+            nbytes = sum(v.nbytes for v in self.c.replay.state_dict().values() if isinstance(v, np.ndarray))
+            return 1 if nbytes <= _AUTO_REPLAY_CHECKPOINT_BYTES else 0
+        return every
+
+    def _save(self, manifest: dict[str, Any], state: dict[str, Any], replay: dict[str, Any] | None) -> bool:
         """False when the write failed (a full disk, no permission): the previous checkpoint
         stays as it was and training goes on; the next checkpoint tries again."""
+        t0 = time.perf_counter()
         try:
             path = checkpoint.save(self.run_dir / "checkpoints", manifest["env_steps"], manifest, state,
-                                   self.config.train.keep_checkpoints)
+                                   self.config.train.keep_checkpoints, replay=replay)
         except OSError as exc:
             self._ckpt_error = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
             log.error("checkpoint at %d env steps failed (%s); the previous one is kept and "
                       "training goes on", manifest["env_steps"], self._ckpt_error)
             return False
         self._last_ckpt_step = manifest["env_steps"]
-        log.info("checkpoint %s", path)
+        if replay is None:
+            self._ckpts_since_replay += 1
+            log.info("checkpoint %s", path)
+        else:
+            self._ckpts_since_replay = 0
+            size = sum(v.nbytes for v in replay.values() if isinstance(v, np.ndarray))
+            log.info("checkpoint %s (with the replay: %.1f MB in %.2f s)", path, size / 1e6,
+                     time.perf_counter() - t0)
         return True
 
-    def _checkpoint_sync(self) -> bool:
+    def _checkpoint_sync(self, final: bool = False) -> bool:
+        if final:  # a resumed run continues from the last checkpoint: it carries the replay
+            self._ckpts_since_replay = max(self._ckpts_since_replay, self._replay_every - 1)
         return self._save(*self._snapshot())
 
     def _final_checkpoint(self) -> None:
-        if self._last_ckpt_step != self.c.recorder.env_steps and not self._checkpoint_sync():
+        if self._last_ckpt_step != self.c.recorder.env_steps and not self._checkpoint_sync(final=True):
             kept = checkpoint.checkpoints(self.run_dir / "checkpoints")
             raise RunError(f"the final checkpoint could not be written ({self._ckpt_error}); "
                            + (f"the newest on disk is {kept[0]}" if kept else "no checkpoint on disk"))
 
     def _restore(self, path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
+        """Load checkpoint ``path`` into the built run. Raises (KeyError, ValueError,
+        RuntimeError) when it does not fit this run; :func:`checkpoint.load_latest` then reports
+        it and tries the next older one, whose load overwrites whatever this one set."""
         c = self.c
         c.algo.load_state_dict(state["algo"])
         torch.set_rng_state(state["torch_rng"])
-        for actor, rng_state in zip(c.actors, manifest.get("actor_rngs", [])):
-            actor.rng.bit_generator.state = json.loads(rng_state)
+        rngs = manifest.get("actor_rngs", [])
+        if rngs and len(rngs) != len(c.actors):
+            raise ValueError(f"it holds {len(rngs)} actors' RNG states for {len(c.actors)} actors")
+        replay = checkpoint.load_replay(path) if self._replay_every else None
+        if replay is not None:  # everything that can refuse it is read before the replay is written
+            limiter = manifest["limiter"]
+            c.replay.load_state_dict(replay)
+            c.limiter.load_state_dict(limiter)
+            # The envs start new episodes: no return may run from a saved step into them.
+            c.replay.cut(np.arange(self.config.num_streams))
+        for actor, rng_state in zip(c.actors, rngs):
+            actor.set_rng_state(json.loads(rng_state))
+        self._restored_replay = replay is not None
+        c.recorder.resume_at(manifest["env_steps"], manifest["updates"], manifest["episodes"],
+                             manifest["wall_s"])
         c.store.publish(c.algo.acting_network)
-        log.info("resumed from %s at %d env steps", path, manifest["env_steps"])
 
     def _finish_sync(self) -> None:
         """After the tasks ended: a last evaluation and the final checkpoint."""
@@ -611,7 +695,8 @@ class Trainer:
             counters["actor_restarts"] = sum(a.restarts for a in c.actors)
         return counters
 
-    def _close(self, threads_before: int) -> None:
+    def _close(self) -> None:
+        """Stop every actor (joining worker processes), close the envs and the sinks."""
         if self.c is not None:
             self.c.limiter.stop()
             for actor in self.c.actors:
@@ -621,9 +706,6 @@ class Trainer:
             self.c.recorder.close()
         if self._eval_env is not None:
             self._eval_env.close()
-        self._io.shutdown(wait=True)
-        torch.set_num_threads(threads_before)
-
 
 def _to_cpu(state: Any) -> Any:
     """A copy of a (nested) state dict on the CPU, safe to write while training goes on."""

@@ -178,3 +178,41 @@ def test_policy_server_example_answers_while_training(tmp_path):
     summary = json.loads(out.strip().splitlines()[-1])
     assert checkpoint.checkpoints(tmp_path / "run" / "checkpoints")
     assert summary["env_steps"] > 0
+
+
+def test_the_host_loop_runs_while_the_trainer_starts_trains_and_stops(tmp_path):
+    """Start-up (the env probe, worker processes, networks) and shutdown (final evaluation and
+    checkpoint, joining the workers) run off the loop's thread: a host's task keeps ticking in
+    every phase. The lag figures are printed, not asserted (bench/loop_lag.py measures them)."""
+    trainer = Trainer.from_algo("dqn", overrides=[*SHORT, "actors.placement='process'",
+                                                  "train.tensorboard=false"], run_dir=tmp_path)
+    ticks = {"start": [], "train": [], "stop": []}
+    returned = False
+
+    def phase() -> str:
+        if trainer.recorder is None:
+            return "start"
+        return "stop" if trainer.recorder.env_steps >= 3000 or returned else "train"
+
+    async def main():
+        nonlocal returned
+
+        async def probe():
+            while True:
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                ticks[phase()].append(time.perf_counter() - before - 0.005)
+
+        async with asyncio.TaskGroup() as tg:
+            probing = tg.create_task(probe())
+            await asyncio.sleep(0.02)
+            result = await trainer.run()
+            returned = True
+            probing.cancel()
+        return result
+
+    result = asyncio.run(asyncio.wait_for(main(), 120))
+    assert result["env_steps"] >= 3000
+    print({name: (len(lags), round(1e3 * max(lags, default=0), 1)) for name, lags in ticks.items()})
+    assert len(ticks["start"]) >= 3, "the loop stood still while the trainer started"
+    assert len(ticks["stop"]) >= 3, "the loop stood still while the trainer stopped"

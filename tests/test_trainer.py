@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,13 +145,16 @@ def test_resume_continues_counters(tmp_path):
     assert later and all(r["wall_s"] >= first["wall_s"] for r in later)
 
 
-def test_sigkill_mid_run_then_resume(tmp_path):
-    run_dir = tmp_path / "run"
+def _kill_after_a_checkpoint(run_dir, *overrides: str) -> dict:
+    """A CLI run (process actors, the CPU default) SIGKILLed once it has written a checkpoint;
+    the newest checkpoint's manifest."""
     cmd = [sys.executable, "-m", "asyncrl", "run", "dqn", "--no-live", "--run-dir", str(run_dir),
            "--set", "train.total_env_steps=10_000_000", "--set", "train.checkpoint_every=2000",
            "--set", "replay.min_size_to_sample=500", "--set", "train.eval_every=1_000_000"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for item in overrides:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while not checkpoint.checkpoints(run_dir / "checkpoints"):
@@ -160,19 +164,51 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    _, manifest, _ = checkpoint.load_latest(run_dir / "checkpoints")
+    return checkpoint.load_latest(run_dir / "checkpoints")[1]
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    manifest = _kill_after_a_checkpoint(run_dir)
     saved = manifest["env_steps"]
     target = saved + 1500
-    # Resumed with inline actors: what is checked is the checkpoint, and a worker's start-up
-    # would only add seconds.
+    # Resumed with inline actors: any placement resumes any other's checkpoint (its actors' RNG
+    # states included), and a worker's start-up would only add seconds.
     out = subprocess.run([sys.executable, "-m", "asyncrl", "run", "--resume", str(run_dir), "--no-live",
                           "--set", f"train.total_env_steps={target}", "--set", "actors.placement='inline'"],
-                         env=env, capture_output=True, text=True, timeout=120)
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["env_steps"] >= target
     _, final, _ = checkpoint.load_latest(run_dir / "checkpoints")
     assert final["env_steps"] >= target and final["updates"] > manifest["updates"]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r["env_steps"] for r in rows if "charts/sps" in r]
+    assert steps == sorted(steps), "env steps went backwards in metrics.jsonl"
+
+
+def test_a_resumed_run_holds_the_replay_limiter_counters_and_rngs_it_saved(tmp_path):
+    run_dir = tmp_path / "run"
+    manifest = _kill_after_a_checkpoint(run_dir)
+    path = checkpoint.checkpoints(run_dir / "checkpoints")[0]
+    saved = checkpoint.load_replay(path)
+    assert saved is not None and "limiter" in manifest
+    # A budget the checkpoint already reached: the run restores, evaluates and returns.
+    trainer = Trainer(config(f"train.total_env_steps={manifest['env_steps']}"), run_dir=run_dir,
+                      resume=True)
+    run(trainer)
+    c = trainer.c
+    assert c.recorder.env_steps == manifest["env_steps"] and c.recorder.updates == manifest["updates"]
+    assert c.replay.size == int(np.minimum(saved["head"], c.replay.stream_capacity).sum()) > 0
+    filled = saved["positions"] >= 0
+    assert np.array_equal(c.replay.obs[filled], saved["obs"][filled])
+    assert np.array_equal(c.replay.rewards[filled], saved["rewards"][filled])
+    assert c.limiter.state_dict() == manifest["limiter"]
+    assert [a.rng_state() for a in c.actors] == [json.loads(s) for s in manifest["actor_rngs"]]
+    # Every stream's last saved step is cut: its env starts a new episode after the resume.
+    last = (c.replay.head - 1) % c.replay.stream_capacity
+    assert not c.replay.applied[np.arange(c.replay.num_streams), last].any()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -209,6 +245,25 @@ def test_dqn_solves_cartpole_within_100k_steps(tmp_path):
     assert result["eval"]["eval/return_mean"] >= 475
     assert result["eval"]["eval/episodes"] == 20
     assert result["reached_target_at"] <= 100_000
+
+
+@pytest.mark.learning
+def test_a_resumed_dqn_run_learns_at_once_and_is_back_at_its_return(tmp_path):
+    """A resume continues with the replay and the limiter's counts it saved: updates go on from
+    the first batch (no fresh warm-up of replay.min_size_to_sample = 1000 env steps), and the
+    greedy return is back at the bar within a few thousand env steps."""
+    common = ["train.eval_episodes=10", "train.tensorboard=false", "train.target_return=400"]
+    first = run(Trainer(build_config(DQN.preset, overrides=[*common, "train.eval_every=5000"]),
+                        run_dir=tmp_path), timeout=300)
+    assert first["eval"]["eval/return_mean"] >= 400, first
+    budget = first["env_steps"] + 3000
+    resumed = run(Trainer(build_config(DQN.preset, overrides=[
+        *common, "train.eval_every=1000", "train.log_every=500", f"train.total_env_steps={budget}"]),
+        run_dir=tmp_path, resume=True), timeout=120)
+    assert resumed.get("reached_target_at", budget + 1) <= budget, resumed
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl")
+            if "charts/updates" in r and first["env_steps"] < r["env_steps"] <= first["env_steps"] + 1000]
+    assert rows and rows[-1]["charts/updates"] - first["updates"] >= 50, rows
 
 
 def test_live_view_shows_progress(tmp_path):
