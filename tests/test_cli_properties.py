@@ -125,7 +125,7 @@ def check_refused(capsys, code: int, reached: list, field: str) -> str:
     ("dqn", "learner.batch_size=1e12", "learner.batch_size"),
     ("dqn", "learner.batch_size=200_000", "learner.batch_size"),  # more than the replay holds
     ("dqn", "replay.samples_per_insert=inf", "replay.samples_per_insert"),
-    ("dqn", "replay.priority_exponent=nan", "replay.priority_exponent"),
+    ("dqn", "replay.priority_exponent=inf", "replay.priority_exponent"),
     ("dqn", "actors.ray.num_cpus=inf", "actors.ray.num_cpus"),
     ("dqn", "train.target_return=nan", "train.target_return"),
     ("dqn", "train.seed=-1", "train.seed"),
@@ -134,7 +134,7 @@ def check_refused(capsys, code: int, reached: list, field: str) -> str:
     ("ppo", "algo.lr=inf", "algo.lr"),
     ("ppo", "algo.epochs=true", "algo.epochs"),
     ("ppo", "algo.anneal_env_steps=true", "algo.anneal_env_steps"),
-    ("impala", "algo.lr=nan", "algo.lr"),
+    ("impala", "algo.max_grad_norm=inf", "algo.max_grad_norm"),
 ])
 def test_values_that_slipped_through_exit_2_naming_the_field(capsys, no_run, algo, item, field):
     check_refused(capsys, cli.main(["run", algo, "--no-live", "--set", item]), no_run, field)
