@@ -143,6 +143,14 @@ class Actor(ActorBase):
         timer.add("inference", t2 - t1)
         return actions
 
+    def rng_state(self) -> dict:
+        """The exploration RNG's state as plain (JSON-able) data, for a checkpoint; every actor
+        kind has this pair, so that any placement resumes any other's checkpoint."""
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
     async def run(self, limiter: RateLimiter, on_steps) -> None:
         """The async-mode loop; ``on_steps`` is the trainer's hook for step-count triggers and
         returns True when the run is over."""

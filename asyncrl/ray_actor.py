@@ -39,7 +39,7 @@ from asyncrl.core import EnvSpec, acting_copy, split_actions
 from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
-from asyncrl.process_actor import write_batch
+from asyncrl.process_actor import pack_rng_state, unpack_rng_state, write_batch
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.weights import WeightStore
 
@@ -94,6 +94,7 @@ class RemoteActor:
             "versions": np.zeros(k, np.int64),
             # seconds in env wait, in inference; weight objects fetched in this call
             "timing": np.zeros(3, np.float64),
+            "rng": pack_rng_state(self.rng.bit_generator.state),  # the RNG after the call
         }
         for name, (shape, dtype) in (extras or {}).items():
             self.out[f"extra_{name}"] = np.zeros((k, b, *shape), np.dtype(dtype))
@@ -104,10 +105,14 @@ class RemoteActor:
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    def collect(self, version: int, weights: list, env_steps: int, pull: bool) -> dict[str, np.ndarray]:
+    def collect(self, version: int, weights: list, env_steps: int, pull: bool,
+                rng: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Step ``batches_per_call`` batches with the latest weights; ``weights`` holds the
-        version's object ref (in a list, so that Ray passes the ref and not the object)."""
+        version's object ref (in a list, so that Ray passes the ref and not the object).
+        ``rng``: a packed RNG state to act from (a resumed run's first call)."""
         out, fetched = self.out, 0
+        if rng is not None:
+            self.rng.bit_generator.state = unpack_rng_state(rng)
         if pull and version > self.version:
             import ray
 
@@ -132,6 +137,7 @@ class RemoteActor:
             env_wait += t1 - t0
             inference += t2 - t1
         out["timing"][:] = (env_wait, inference, fetched)
+        out["rng"][:] = pack_rng_state(self.rng.bit_generator.state)
         return out
 
 
@@ -224,6 +230,21 @@ class RayActor(ActorBase):
         self.weight_fetches = 0  # weight objects the remote actor fetched
         self.calls_done = 0  # calls whose batches came back
         self._calls = 0
+        # The remote RNG's state after the last call whose batches came back; until then the
+        # state it starts from. A state set before run() goes with the first call.
+        self._rng = pack_rng_state(np.random.default_rng([seed, index]).bit_generator.state)
+        self._rng_to_send: np.ndarray | None = None
+
+    def rng_state(self) -> dict:
+        """The remote actor's exploration RNG state as plain (JSON-able) data, as of its last call
+        whose batches came back (the calls in flight draw on)."""
+        return unpack_rng_state(self._rng)
+
+    def set_rng_state(self, state: dict) -> None:
+        """The state the remote RNG acts from; before :meth:`run`, whose first call carries it."""
+        if self._calls:
+            raise RuntimeError("set_rng_state must come before run(): the remote actor is acting")
+        self._rng = self._rng_to_send = pack_rng_state(state)
 
     def _submit(self) -> Any:
         version, ref = self.backend.broadcast.latest()
@@ -231,7 +252,8 @@ class RayActor(ActorBase):
         pull = (self._calls * self.backend.config.batches_per_call) % self.pull_every < \
             self.backend.config.batches_per_call
         self._calls += 1
-        return self.handle.collect.remote(version, [ref], self.recorder.env_steps, pull)
+        rng, self._rng_to_send = self._rng_to_send, None
+        return self.handle.collect.remote(version, [ref], self.recorder.env_steps, pull, rng)
 
     async def _started(self, timeout: float | None = None) -> None:
         """Wait until the remote actor runs (placed, envs made); note where it runs."""
@@ -269,6 +291,7 @@ class RayActor(ActorBase):
                 self.calls_done += 1
                 self.bytes_received += sum(a.nbytes for a in out.values())
                 env_wait, inference, fetched = out["timing"]
+                self._rng = out["rng"].copy()
                 self.weight_fetches += int(fetched)
                 timer.add("actor_env_wait", env_wait)
                 timer.add("actor_inference", inference)

@@ -1,20 +1,34 @@
-"""Process actors: training through shared-memory slots, clean stop and cancel, a killed worker."""
+"""Process actors: training through shared-memory slots, clean stop and cancel, a killed worker,
+a killed parent, an unguarded main script, and the exploration RNG's state across placements."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
+import select
 import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from algos.dqn import DQN
 from asyncrl import checkpoint
 from asyncrl.config import build_config
+from asyncrl.core import split_actions
+from asyncrl.faults import RunError
+from asyncrl.metrics import Recorder
 from asyncrl.process_actor import ActorDied, ProcessActor
-from asyncrl.trainer import Trainer
+from asyncrl.trainer import Trainer, build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHORT = ["actors.placement='process'", "train.total_env_steps=3000", "replay.min_size_to_sample=500",
          "train.eval_every=1500", "train.eval_episodes=2", "train.checkpoint_every=1500",
@@ -63,13 +77,28 @@ def test_stop_and_cancel_end_the_workers(tmp_path, how):
     assert manifest["env_steps"] >= 2000
 
 
-def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
+@pytest.mark.parametrize("when", ["any_time", "while_the_loop_holds_its_batch"])
+def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, when):
     trainer = Trainer(config("train.total_env_steps=10_000_000"), run_dir=tmp_path)
 
     async def main():
         task = asyncio.create_task(trainer.run())
         await asyncio.wait_for(until_steps(trainer, 1000), 60)
-        os.kill(trainer.c.actors[0].pid, signal.SIGKILL)
+        actor = trainer.c.actors[0]
+        if when == "any_time":
+            os.kill(actor.pid, signal.SIGKILL)
+        else:
+            # The loop then hands the batch's slot back to a dead worker: a broken pipe, which
+            # must read as the worker's death (it once surfaced as itself, now and then).
+            ingest = actor.ingest
+
+            async def ingest_then_kill(*args, **kwargs):
+                await ingest(*args, **kwargs)
+                if actor._process.is_alive():
+                    os.kill(actor.pid, signal.SIGKILL)
+                    actor._process.join()
+
+            actor.ingest = ingest_then_kill
         await asyncio.wait_for(task, 20)
 
     with pytest.raises(ExceptionGroup) as info:
@@ -79,3 +108,138 @@ def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
     assert str(died.exceptions[0]) == (
         f"actor 0 (pid {trainer.c.actors[0].pid}) died with exit code {-signal.SIGKILL}")
     assert not multiprocessing.active_children()
+
+
+# --- a worker's start and its parent's end ----------------------------------------------------
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, waiting for a parent that is gone to reap it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        raise AssertionError(f"no line from the process within {timeout} s")
+    return proc.stdout.readline().strip()
+
+
+# Starts one process actor, lets it act, then leaves a publish of the weights unfinished (as a
+# trainer killed mid-publish does), so that the worker waits in its next pull of the weights.
+PARENT = """
+import asyncio
+from algos.dqn import DQN
+from asyncrl.config import build_config
+from asyncrl.metrics import Recorder
+from asyncrl.trainer import build
+
+if __name__ == "__main__":
+    c = build(build_config(DQN.preset, overrides=["actors.placement='process'", "actors.pull_every=1"]),
+              Recorder(10_000, []))
+    print(c.actors[0].pid, flush=True)
+
+    def on_steps():
+        if c.recorder.env_steps >= 200 and c.store.version == 1:
+            c.store._sequence.fill_(5)  # version 2 begun, never finished
+            print("mid-publish", flush=True)
+        return False
+
+    asyncio.run(c.actors[0].run(c.limiter, on_steps))
+"""
+
+
+def test_a_worker_exits_when_its_parent_is_killed_even_mid_publish():
+    proc = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(read_line(proc, 60))
+        assert read_line(proc, 60) == "mid-publish"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15  # it gives a stuck publish a second, then checks its parent
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(worker), "the worker outlived its parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+UNGUARDED = """
+import asyncio
+from asyncrl import Trainer
+
+trainer = Trainer.from_algo("dqn", overrides=["actors.placement='process'", "train.tensorboard=false"],
+                            run_dir={run_dir!r})
+asyncio.run(trainer.run())
+"""
+
+
+def test_a_main_script_without_the_main_guard_fails_at_once_naming_the_guard(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED.format(run_dir=str(tmp_path / "run")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{RunError.__module__}.RunError: actor 0's worker process re-ran {script}")
+    assert 'guard the entry point of' in last and 'with `if __name__ == "__main__":`' in last
+
+
+# --- the exploration RNG's state ----------------------------------------------------------------
+
+
+def test_a_process_worker_acts_from_the_rng_state_and_env_steps_it_is_given():
+    c = build(config("env.num_envs=32"), Recorder(10_000, []))
+    actor = c.actors[0]
+    try:
+        state = np.random.default_rng(123).bit_generator.state
+        actor.set_rng_state(state)
+        assert actor.rng_state() == state
+        c.recorder.env_steps = 50_000  # a resumed run's: its epsilon, not step 0's
+        seen = []
+        ingest = actor.ingest
+
+        async def ingest_and_keep(limiter, step, actions, *args):
+            seen.append((step.obs.copy(), actions.copy()))
+            await ingest(limiter, step, actions, *args)
+
+        actor.ingest = ingest_and_keep
+        asyncio.run(asyncio.wait_for(actor.run(c.limiter, lambda: True), 60))  # one batch
+    finally:
+        actor.close()
+    (obs, actions), = seen
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    with torch.inference_mode():
+        expected, _ = split_actions(c.algo.act(c.algo.acting_network, torch.from_numpy(obs), 50_000, rng))
+    np.testing.assert_array_equal(actions, expected)
+    assert actor.rng_state() == rng.bit_generator.state  # as of the batch the loop took in
+    assert json.loads(json.dumps(actor.rng_state())) == actor.rng_state()
+
+
+def test_an_inline_actor_round_trips_its_rng_state():
+    c = build(config("actors.placement='inline'"), Recorder(10_000, []))
+    actor = c.actors[0]
+    try:
+        state = json.loads(json.dumps(actor.rng_state()))
+        first = actor.rng.random(4)
+        actor.set_rng_state(state)
+        np.testing.assert_array_equal(actor.rng.random(4), first)
+    finally:
+        actor.close()
+
+
+@pytest.mark.parametrize("first, then", [("inline", "process"), ("process", "inline")])
+def test_a_run_resumes_across_actor_placements(tmp_path, first, then):
+    saved = Trainer(config(f"actors.placement='{first}'", "train.total_env_steps=1500"), run_dir=tmp_path)
+    asyncio.run(asyncio.wait_for(saved.run(), 90))
+    resumed = Trainer(config(f"actors.placement='{then}'"), run_dir=tmp_path, resume=True)
+    result = asyncio.run(asyncio.wait_for(resumed.run(), 90))
+    assert result["env_steps"] >= 3000
+    _, manifest, _ = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert len(manifest["actor_rngs"]) == len(resumed.c.actors)
