@@ -17,7 +17,7 @@ import torch
 
 from algos.dqn import DQN
 from asyncrl import checkpoint
-from asyncrl.config import build_config
+from asyncrl.config import ConfigError, build_config
 from asyncrl.metrics import read_jsonl
 from asyncrl.trainer import Trainer
 
@@ -165,6 +165,16 @@ def _kill_after_a_checkpoint(run_dir, *overrides: str) -> dict:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     return checkpoint.load_latest(run_dir / "checkpoints")[1]
+
+
+def test_a_fresh_run_refuses_a_run_directory_that_holds_a_run(tmp_path):
+    first = run(Trainer(config("train.mode='serial'", "train.total_env_steps=600"), run_dir=tmp_path))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        run(Trainer(config("train.mode='serial'", "train.total_env_steps=600"), run_dir=tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert (tmp_path / "metrics.jsonl").read_text() == rows and first["env_steps"] >= 600
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
