@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -147,6 +149,61 @@ def test_tiny_run_writes_a_loadable_checkpoint(tiny_run):
     assert manifest["env_steps"] == json.loads(proc.stdout)["env_steps"]
     assert manifest["config"] == json.loads((run_dir / "config.json").read_text())
     assert "algo" in state
+
+
+# --- signals: a terminal's Ctrl-C and GNU timeout signal the whole process group ----------------
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_ends_the_run_with_its_final_eval_and_checkpoint(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    sets = ["actors.placement='process'", "train.total_env_steps=10000000", "train.checkpoint_every=1000",
+            "replay.min_size_to_sample=500", "train.eval_every=10000000", "train.eval_episodes=2",
+            "train.tensorboard=false"]
+    args = ["run", "dqn", "--no-live", "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
+    # A group of its own, as a terminal gives a command: the fork server and the workers join it.
+    proc = subprocess.Popen([sys.executable, "-m", "asyncrl", *args], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not checkpoint.checkpoints(run_dir / "checkpoints"):  # it has trained a while
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.1)
+        # Held while the group gets the signal, as when its thread is busy (learning) as Ctrl-C
+        # comes: the workers see the signal first, and whatever they do with it reaches the
+        # trainer before the signal does.
+        os.kill(proc.pid, signal.SIGSTOP)
+        os.killpg(proc.pid, signum)
+        time.sleep(1)
+        os.kill(proc.pid, signal.SIGCONT)
+        if signum == signal.SIGTERM:
+            os.kill(proc.pid, signum)  # GNU timeout signals the command as well as its group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    path, manifest, _ = checkpoint.load_latest(run_dir / "checkpoints")
+    assert path.name == f"step_{summary['env_steps']:012d}" and manifest["env_steps"] == summary["env_steps"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval/return_mean" in row]
+    assert evals and evals[-1]["env_steps"] == summary["env_steps"]  # the final evaluation
+    assert rows[-1]["env_steps"] == summary["env_steps"]
+    deadline = time.monotonic() + 10
+    while group_alive(proc.pid) and time.monotonic() < deadline:  # the fork server, the workers
+        time.sleep(0.1)
+    assert not group_alive(proc.pid), "a process of the run outlived it"
 
 
 # --- config resolution, in process ---------------------------------------------------------------
