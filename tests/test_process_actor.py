@@ -121,10 +121,13 @@ def running(pid: int) -> bool:
         return False
 
 
-def read_line(proc: subprocess.Popen, timeout: float) -> str:
-    if not select.select([proc.stdout], [], [], timeout)[0]:
+def read_line(proc: subprocess.Popen, timeout: float, stream=None) -> str:
+    stream = stream or proc.stdout
+    if not select.select([stream], [], [], timeout)[0]:
         raise AssertionError(f"no line from the process within {timeout} s")
-    return proc.stdout.readline().strip()
+    line = stream.readline()
+    assert line, "the process closed its output"
+    return line.strip()
 
 
 # Starts one process actor, lets it act, then leaves a publish of the weights unfinished (as a
@@ -170,24 +173,49 @@ def test_a_worker_exits_when_its_parent_is_killed_even_mid_publish():
 
 UNGUARDED = """
 import asyncio
+import sys
 from asyncrl import Trainer
 
 trainer = Trainer.from_algo("dqn", overrides=["actors.placement='process'", "train.tensorboard=false"],
                             run_dir={run_dir!r})
-asyncio.run(trainer.run())
+
+async def host():  # one that reports its trainer's failure and goes on serving
+    try:
+        await trainer.run()
+    except Exception as exc:
+        print(f"training failed: {{exc}}", file=sys.stderr, flush=True)
+    await asyncio.sleep(3600)
+
+if {host}:
+    asyncio.run(host())
+else:
+    asyncio.run(trainer.run())
 """
 
 
-def test_a_main_script_without_the_main_guard_fails_at_once_naming_the_guard(tmp_path):
+@pytest.mark.parametrize("host", [False, True], ids=["plain", "host_goes_on"])
+def test_a_main_script_without_the_main_guard_fails_at_once_naming_the_guard(tmp_path, host):
+    """Its workers re-run it as they import it. A plain script's workers died of that; a host's
+    went on serving in the worker, which then never started: its parent waited at 0 env steps."""
     script = tmp_path / "train.py"
-    script.write_text(UNGUARDED.format(run_dir=str(tmp_path / "run")))
+    script.write_text(UNGUARDED.format(run_dir=str(tmp_path / "run"), host=host))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=90)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{RunError.__module__}.RunError: actor 0's worker process re-ran {script}")
-    assert 'guard the entry point of' in last and 'with `if __name__ == "__main__":`' in last
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        if host:
+            line = read_line(proc, 90, proc.stderr)
+            while not line.startswith("training failed: "):
+                line = read_line(proc, 90, proc.stderr)
+            error = line.removeprefix("training failed: ")
+        else:
+            assert proc.wait(90) != 0
+            error = proc.stderr.read().strip().splitlines()[-1].removeprefix(f"{RunError.__module__}.RunError: ")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # with whatever it left behind
+        proc.wait()
+    assert error.startswith(f"actor 0's worker process re-ran {script}")
+    assert 'guard the entry point of' in error and 'with `if __name__ == "__main__":`' in error
 
 
 # --- the exploration RNG's state ----------------------------------------------------------------
