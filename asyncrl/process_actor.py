@@ -6,7 +6,9 @@ The worker owns ``slabs`` slots of one batch each. It writes a batch (the observ
 received, what the env returned with them, the actions it chose) into a free slot and sends the
 slot's number over a pipe; the loop ingests the slot into the replay under the rate limiter and
 sends the number back. When every slot is full the worker waits, so the limiter throttles acting
-as it does for inline actors. A worker that dies is reported in one line, never waited on.
+as it does for inline actors. A worker that dies is reported in one line, never waited on;
+once the run is stopping (its limiter stopped) a worker's end is no failure: the final checkpoint
+saves the loop's state, which holds every batch taken in.
 
 Start-up: the worker says hello as soon as it runs (a worker that dies or hangs before that never
 got past importing the main module: the actor refuses to start, naming the ``__main__`` guard),
