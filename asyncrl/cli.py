@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from asyncrl.faults import RunError
 
 log = logging.getLogger("asyncrl")
 USAGE_ERRORS = (ConfigError, EnvError, CheckpointError)
+# A second stop signal within this many seconds is the first one delivered again, not a user's
+# "abort now": GNU timeout (and a kill of the whole group) signals the command and its process
+# group microseconds apart.
+_SAME_SIGNAL_S = 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,16 +97,17 @@ async def _run(args: argparse.Namespace, config: Config, console: Console, seen:
     seen["run_dir"] = trainer.run_dir
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
-    signals_seen = 0
+    first_signal_at: float | None = None
 
     def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
+        nonlocal first_signal_at
+        now = time.monotonic()
+        if first_signal_at is None:
+            first_signal_at = now
             log.warning("%s: stopping after a final checkpoint (again to abort now)",
                         signal.Signals(signum).name)
             trainer.stop()
-        else:
+        elif now - first_signal_at > _SAME_SIGNAL_S:
             main_task.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
