@@ -70,6 +70,12 @@ class EnvConfig(ConfigModel):
         3, ge=0,
         description="Gymnasium envs (not EnvPool's): a step or reset that raises resets that env and "
         "is counted (charts/env_errors); more failures in a row of one env than this stop the run.")
+    nonfinite: Literal["stop", "zero"] = Field(
+        "stop",
+        description="A step whose reward or (float) observation holds inf or nan. stop: the run stops "
+        "with one line naming the env and the field. zero: those values become 0 and the step is "
+        "counted (charts/nonfinite_steps); the env's stream goes on as if the env had returned 0 "
+        "there (a made-up value, but finite, and no step is lost or misaligned).")
 
     @property
     def actor_batch(self) -> int:

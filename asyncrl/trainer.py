@@ -179,6 +179,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             for actor in actors:
                 actor.close()
             raise
+    for actor in actors:  # what it does with a step holding inf or nan
+        actor.env_id, actor.nonfinite = e.id, e.nonfinite
     total = config.train.total_env_steps
     beta0 = r.importance_exponent if r.prioritized else 0.0
 
@@ -288,6 +290,8 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
             for actor in actors:
                 actor.close()
             raise
+    for actor in actors:  # what it does with a step holding inf or nan
+        actor.env_id, actor.nonfinite = e.id, e.nonfinite
     return Components(config, spec, algo, queue, queue, store, recorder, actors, learner, remote)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import math
 import os
+import re
 
 import gymnasium
 import numpy as np
@@ -279,3 +281,97 @@ def test_a_nonfinite_ppo_update_is_rolled_back_and_acting_goes_on(tmp_path, monk
     assert result["updates"] == calls[0] - 1
     for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
         assert all_finite(checkpoint.load(path)[1]["algo"])
+
+
+# --- envs that return inf or nan ------------------------------------------------------------------
+
+
+class NonFiniteCartPole(gymnasium.Wrapper):
+    """CartPole whose ``step`` returns nan in ``field`` ("reward" or "obs") from call ``start`` on,
+    every ``every`` calls."""
+
+    def __init__(self, field: str, start: int, every: int = 1):
+        super().__init__(gymnasium.make("CartPole-v1"))
+        self.field, self.start, self.every, self.calls = field, start, every, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.calls += 1
+        if self.calls >= self.start and (self.calls - self.start) % self.every == 0:
+            if self.field == "reward":
+                reward = math.nan
+            else:
+                obs = obs.copy()
+                obs[1] = math.inf
+        return obs, reward, terminated, truncated, info
+
+
+@pytest.mark.parametrize("algo, field, words", [("dqn", "reward", "reward (nan)"),
+                                                 ("dqn", "obs", "observation (holding inf)"),
+                                                 ("ppo", "reward", "reward (nan)")])
+def test_an_env_returning_nan_stops_the_run_naming_the_env_when_it_arrives(tmp_path, algo, field, words):
+    overrides = SERIAL if algo == "dqn" else ["train.total_env_steps=2000", "train.target_return=1e9"]
+    trainer = Trainer.from_algo(algo, overrides=overrides, run_dir=tmp_path,
+                                env_fn=lambda: NonFiniteCartPole(field, start=100))
+    with pytest.raises(RunError, match=rf"^env CartPole-v1 #\d returned a non-finite {re.escape(words)} "
+                                       r"after (\d+) env steps \(env.nonfinite = 'stop'") as err:
+        run(trainer)
+    assert "\n" not in str(err.value)
+    # Stopped when it arrived: at the first env to reach its 100th step.
+    assert int(re.search(r"after (\d+) env steps", str(err.value)).group(1)) <= 8 * 100
+
+
+@pytest.mark.parametrize("algo", ["dqn", "ppo"])
+def test_nonfinite_zero_replaces_counts_and_trains_on(tmp_path, algo, caplog):
+    overrides = ([*SERIAL, "train.total_env_steps=1500"] if algo == "dqn"
+                 else ["train.total_env_steps=1500", "train.target_return=1e9"])
+    fields = itertools.cycle(["reward", "obs"])  # training and evaluation envs
+    trainer = Trainer.from_algo(algo, overrides=[*overrides, "env.nonfinite='zero'"], run_dir=tmp_path,
+                                env_fn=lambda: NonFiniteCartPole(next(fields), start=50, every=10))
+    with caplog.at_level(logging.WARNING, logger="asyncrl"):
+        result = run(trainer)
+    assert result["env_steps"] >= 1500 and result["updates"] > 0
+    assert sum(a.nonfinite_steps for a in trainer.c.actors) >= 1500 // 10 // 2
+    assert "env CartPole-v1 returned inf or nan: replaced with 0" in caplog.text
+    assert trainer.c.learner.guard.skipped_updates == 0
+    assert all_finite(trainer.c.algo.state_dict())
+
+
+class _Adder:
+    """Records what an actor hands its adder."""
+
+    def __init__(self):
+        self.seen = []
+
+    def pending(self, env_ids) -> int:
+        return 0
+
+    def observe(self, ids, obs, rewards, terminated, truncated) -> None:
+        self.seen.append((obs.copy(), rewards.copy()))
+
+    def record_actions(self, env_ids, actions) -> None:
+        pass
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "zero"])
+def test_batches_from_worker_processes_are_checked_too(nonfinite):
+    from asyncrl.actor import ActorBase
+    from asyncrl.envs import Step
+    from asyncrl.metrics import Recorder
+    from asyncrl.ratelimit import RateLimiter
+
+    actor = ActorBase(3, None, _Adder(), Recorder(1000, []))
+    actor.env_id, actor.nonfinite = "Hostile-v0", nonfinite
+    obs = np.array([[0.0, 1.0], [math.nan, 2.0], [3.0, 4.0]], np.float32)
+    step = Step(obs, np.array([1.0, 1.0, -math.inf], np.float32), np.zeros(3, bool), np.zeros(3, bool),
+                np.arange(3))
+    ingest = actor.ingest(RateLimiter(1.0, 1, 10.0, 1), step, np.zeros(3, np.int64), None, 1)
+    if nonfinite == "stop":
+        with pytest.raises(RunError, match=r"^env Hostile-v0 #1 returned a non-finite observation"):
+            asyncio.run(ingest)
+        return
+    asyncio.run(ingest)
+    (obs_seen, rewards_seen), = actor.adder.seen
+    np.testing.assert_array_equal(obs_seen, [[0, 1], [0, 2], [3, 4]])
+    np.testing.assert_array_equal(rewards_seen, [1, 1, 0])
+    assert actor.nonfinite_steps == 2
