@@ -20,6 +20,7 @@ from asyncrl.metrics import read_jsonl
 from asyncrl.process_actor import ProcessActor
 from asyncrl.rollout import OnPolicyActor
 from asyncrl.trainer import Trainer
+from resume_checks import assert_resumed_from, newest, watch_first_update
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHORT = ["train.total_env_steps=3000", "train.eval_every=1500", "train.eval_episodes=2",
@@ -71,12 +72,17 @@ def test_ppo_acts_on_fresh_weights_only(tmp_path):
     assert all(r["losses/policy_lag"] == 0 for r in rows if "losses/policy_lag" in r)
 
 
-def test_ppo_resume_continues_counters_and_schedule(tmp_path):
+def test_ppo_resume_continues_counters_and_schedule(tmp_path, monkeypatch):
     first = run(Trainer(ppo("train.total_env_steps=1500"), run_dir=tmp_path))
-    _, _, state = checkpoint.load_latest(tmp_path / "checkpoints")
+    manifest, state, _ = newest(tmp_path)
     assert state["algo"]["env_steps"] > 0 and state["algo"]["updates"] == first["updates"]
     trainer = Trainer(ppo("train.total_env_steps=3000"), run_dir=tmp_path, resume=True)
+    seen = watch_first_update(monkeypatch, PPO, trainer, lambda algo: algo.learning_rate())
     second = run(trainer)
+    # The first update starts from the saved networks, optimiser and counters, and its schedule
+    # from the saved env steps (annealed over the resumed run's budget).
+    assert_resumed_from(seen, manifest, state)
+    assert seen["probe"] == pytest.approx(1e-3 * (1 - state["algo"]["env_steps"] / 3000))
     assert second["env_steps"] >= 3000 and second["updates"] > first["updates"]
     assert trainer.c.algo.env_steps > state["algo"]["env_steps"]
     lr = trainer.c.algo.learning_rate()  # annealed over the resumed run's budget

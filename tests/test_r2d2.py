@@ -21,6 +21,7 @@ from asyncrl.registry import resolve_config
 from asyncrl.sequence import SequenceAdder, SequenceReplay
 from asyncrl.trainer import Trainer
 from asyncrl.weights import WeightStore
+from resume_checks import assert_resumed_from, newest, watch_first_update
 
 MASKED = EnvSpec("masked", (2,), np.dtype(np.float32), "discrete", 2, ())
 SMALL = R2D2Config(sequence_length=8, sequence_period=4, burn_in=2, n_step=3, hidden=[16], lstm_size=8)
@@ -182,7 +183,7 @@ def test_configs_and_one_line_errors(tmp_path):
         asyncio.run(Trainer(cfg).run())
 
 
-def test_runs_async_with_process_actors_and_resumes(tmp_path):
+def test_runs_async_with_process_actors_and_resumes(tmp_path, monkeypatch):
     """Process actors carry the recurrent state in their worker and hand it over with each batch."""
     over = ["actors.placement=process", "train.total_env_steps=3000", "train.eval_every=2000",
             "train.eval_episodes=2", "train.checkpoint_every=2000", "replay.min_size_to_sample=500",
@@ -195,9 +196,14 @@ def test_runs_async_with_process_actors_and_resumes(tmp_path):
     starts = filled & (replay.episode_steps == 0)
     assert starts.sum() > 16 and np.all(replay.states["h"][starts] == 0)  # zeroed at episode starts
     assert np.all(np.abs(replay.states["c"][filled & ~starts]).sum(-1) > 0)  # carried otherwise
+    manifest, state, saved = newest(tmp_path)
     resumed = Trainer(resolve_config("r2d2", overrides=[*over, "train.total_env_steps=5000"]),
                       run_dir=tmp_path, resume=True)
+    seen = watch_first_update(monkeypatch, R2D2, resumed)
     result = asyncio.run(asyncio.wait_for(resumed.run(), 120))
+    assert_resumed_from(seen, manifest, state, resumed, saved)
+    filled = saved["positions"] >= 0  # the saved recurrent states too
+    assert np.array_equal(resumed.c.replay.states["c"][filled], saved["state/c"][filled])
     assert result["env_steps"] >= 5000
     assert resumed.c.algo.updates == result["updates"] > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

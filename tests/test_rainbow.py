@@ -19,6 +19,7 @@ from asyncrl.core import EnvSpec, TransitionBatch
 from asyncrl.metrics import read_jsonl
 from asyncrl.trainer import Trainer
 from asyncrl.weights import WeightStore
+from resume_checks import assert_resumed_from, newest, watch_first_update
 
 CPU = torch.device("cpu")
 VECTOR = EnvSpec("test", (4,), np.dtype(np.float32), "discrete", 3, ())
@@ -254,16 +255,20 @@ def test_serial_runs_repeat_exactly(tmp_path):
     assert rows[0] == rows[1] and any("losses/loss" in row for row in rows[0])
 
 
-def test_process_actors_train_then_resume(tmp_path):
-    """The CPU default: actors in a worker process that rebuilds Rainbow by name; then resume."""
+def test_process_actors_train_then_resume(tmp_path, monkeypatch):
+    """The CPU default: actors in a worker process that rebuilds Rainbow by name; then a resume
+    that starts from the checkpoint: its counters, networks, optimiser and replay."""
     short = [*SHORT, "actors.placement='process'"]
     first = run(Trainer(build_config(Rainbow.preset, overrides=short), run_dir=tmp_path))
     assert first["env_steps"] >= 1500 and first["updates"] > 0
-    _, manifest, state = checkpoint.load_latest(tmp_path / "checkpoints")
-    assert state["algo"]["updates"] == first["updates"]
-    resumed = run(Trainer(build_config(Rainbow.preset, overrides=[*short, "train.total_env_steps=2500"]),
-                          run_dir=tmp_path, resume=True))
+    manifest, state, replay = newest(tmp_path)
+    assert state["algo"]["updates"] == first["updates"] == manifest["updates"]
+    trainer = Trainer(build_config(Rainbow.preset, overrides=[*short, "train.total_env_steps=2500"]),
+                      run_dir=tmp_path, resume=True)
+    seen = watch_first_update(monkeypatch, Rainbow, trainer)
+    resumed = run(trainer)
     assert resumed["env_steps"] >= 2500 and resumed["updates"] > first["updates"]
+    assert_resumed_from(seen, manifest, state, trainer, replay)
 
 
 def test_pong_config_starts_and_trains(tmp_path):

@@ -15,6 +15,7 @@ from algos.sac import SAC, SACConfig
 from asyncrl.config import ConfigError, build_config
 from asyncrl.core import EnvSpec, TransitionBatch
 from asyncrl.trainer import Trainer
+from resume_checks import assert_resumed_from, newest, watch_first_update
 
 CPU = torch.device("cpu")
 
@@ -213,15 +214,19 @@ def test_preset_equals_shipped_pendulum_file_and_bad_values_are_one_line():
     assert "\n" not in str(err.value)
 
 
-def test_process_actors_train_then_resume(tmp_path):
-    """The CPU default: actors in a worker process that rebuilds SAC by name; then resume."""
+def test_process_actors_train_then_resume(tmp_path, monkeypatch):
+    """The CPU default: actors in a worker process that rebuilds SAC by name; then a resume that
+    starts from the checkpoint: its counters, networks, optimisers, temperature and replay."""
     short = ["algo.hidden=[32, 32]", "train.total_env_steps=800", "replay.min_size_to_sample=200",
              "algo.random_steps=200", "replay.samples_per_insert=32", "train.eval_every=100000", "train.eval_episodes=2",
              "train.checkpoint_every=100000", "train.tensorboard=false", "actors.placement='process'"]
     first = asyncio.run(asyncio.wait_for(
         Trainer(build_config(SAC.preset, overrides=short), run_dir=tmp_path).run(), 120))
     assert first["env_steps"] >= 800 and first["updates"] > 0
-    resumed = asyncio.run(asyncio.wait_for(Trainer(
-        build_config(SAC.preset, overrides=[*short, "train.total_env_steps=1200"]),
-        run_dir=tmp_path, resume=True).run(), 120))
+    manifest, state, replay = newest(tmp_path)
+    trainer = Trainer(build_config(SAC.preset, overrides=[*short, "train.total_env_steps=1200"]),
+                      run_dir=tmp_path, resume=True)
+    seen = watch_first_update(monkeypatch, SAC, trainer)
+    resumed = asyncio.run(asyncio.wait_for(trainer.run(), 120))
     assert resumed["env_steps"] >= 1200 and resumed["updates"] > first["updates"]
+    assert_resumed_from(seen, manifest, state, trainer, replay)

@@ -20,6 +20,7 @@ from asyncrl import checkpoint
 from asyncrl.config import ConfigError, build_config
 from asyncrl.metrics import read_jsonl
 from asyncrl.trainer import Trainer
+from resume_checks import assert_resumed_from, newest, watch_first_update
 
 SHORT = [
     "train.total_env_steps=3000", "replay.min_size_to_sample=500", "train.eval_every=1500",
@@ -177,25 +178,30 @@ def test_a_fresh_run_refuses_a_run_directory_that_holds_a_run(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == rows and first["env_steps"] >= 600
 
 
-def test_sigkill_mid_run_then_resume(tmp_path):
+def test_sigkill_mid_run_then_resume(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    manifest = _kill_after_a_checkpoint(run_dir)
-    saved = manifest["env_steps"]
-    target = saved + 1500
-    # Resumed with inline actors: any placement resumes any other's checkpoint (its actors' RNG
-    # states included), and a worker's start-up would only add seconds.
-    out = subprocess.run([sys.executable, "-m", "asyncrl", "run", "--resume", str(run_dir), "--no-live",
-                          "--set", f"train.total_env_steps={target}", "--set", "actors.placement='inline'"],
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    _kill_after_a_checkpoint(run_dir)
+    manifest, state, replay = newest(run_dir)
+    target = manifest["env_steps"] + 1500
+    # Resumed in this process (to watch its first update) from the run's own config.json, with
+    # inline actors: any placement resumes any other's checkpoint (its actors' RNG states
+    # included), and a worker's start-up would only add seconds.
+    cfg = build_config(file=run_dir / "config.json",
+                       overrides=[f"train.total_env_steps={target}", "actors.placement='inline'"])
+    trainer = Trainer(cfg, run_dir=run_dir, resume=True)
+    seen = watch_first_update(monkeypatch, DQN, trainer, lambda algo: algo.epsilon(trainer.recorder.env_steps))
+    summary = run(trainer, timeout=120)
     assert summary["env_steps"] >= target
+    assert_resumed_from(seen, manifest, state, trainer, replay)
+    # The exploration schedule goes on from the saved env steps, not from its start.
+    eps = trainer.c.algo.epsilon
+    assert seen["probe"] <= eps(manifest["env_steps"]) < eps(0)
     _, final, _ = checkpoint.load_latest(run_dir / "checkpoints")
     assert final["env_steps"] >= target and final["updates"] > manifest["updates"]
     rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r["env_steps"] for r in rows if "charts/sps" in r]
     assert steps == sorted(steps), "env steps went backwards in metrics.jsonl"
+    assert [r for r in rows if r["env_steps"] <= manifest["env_steps"]], "the killed run's rows are gone"
 
 
 def test_a_resumed_run_holds_the_replay_limiter_counters_and_rngs_it_saved(tmp_path):

@@ -1,0 +1,76 @@
+"""What every resume test asserts: the resumed run starts from its checkpoint.
+
+A run that restarts from step 0 (or from fresh networks, or an empty replay) still reaches a larger
+budget with more updates; these checks tell it apart. They watch the algorithm's first update of
+the resumed run (the learner calls ``algo.update`` in this process whatever the actors' placement)
+and compare it with the checkpoint the run resumed from.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from asyncrl import checkpoint
+
+
+def newest(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The newest checkpoint's manifest, state and replay (None when it holds none)."""
+    path, manifest, state = checkpoint.load_latest(Path(run_dir) / "checkpoints")
+    return manifest, state, checkpoint.load_replay(path)
+
+
+def watch_first_update(monkeypatch, algo_cls: type, trainer, probe: Callable[[Any], Any] | None = None
+                       ) -> dict[str, Any]:
+    """Fills (at the resumed run's first update, before it) the algorithm's state, the recorder's
+    counters and ``probe(algo)`` (a schedule's value, say) into the dict it returns."""
+    seen: dict[str, Any] = {}
+    original = algo_cls.update
+
+    def update(self, *args, **kwargs):
+        if not seen:
+            seen.update(state=copy.deepcopy(self.state_dict()), env_steps=trainer.recorder.env_steps,
+                        updates=trainer.recorder.updates, probe=probe(self) if probe else None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(algo_cls, "update", update)
+    return seen
+
+
+def assert_equal_state(actual: Any, saved: Any, where: str = "algo") -> None:
+    """Nested state dicts hold the same tensors and values."""
+    if isinstance(saved, dict):
+        assert set(actual) == set(saved), where
+        for key in saved:
+            assert_equal_state(actual[key], saved[key], f"{where}.{key}")
+    elif isinstance(saved, (list, tuple)):
+        assert len(actual) == len(saved), where
+        for i, (a, s) in enumerate(zip(actual, saved)):
+            assert_equal_state(a, s, f"{where}[{i}]")
+    elif isinstance(saved, torch.Tensor):
+        assert torch.equal(actual.cpu(), saved.cpu()), where
+    elif isinstance(saved, np.ndarray):
+        assert np.array_equal(actual, saved), where
+    else:
+        assert actual == saved, where
+
+
+def assert_resumed_from(seen: dict[str, Any], manifest: dict[str, Any], state: dict[str, Any],
+                        trainer=None, replay: dict[str, Any] | None = None) -> None:
+    """The first update after the resume saw the checkpoint's networks, optimiser and counters;
+    the replay (when ``replay`` is given) still holds every saved step at its place."""
+    assert seen, "the resumed run made no update"
+    assert seen["updates"] == manifest["updates"] > 0
+    assert seen["env_steps"] >= manifest["env_steps"] > 0
+    assert_equal_state(seen["state"], state["algo"])
+    if replay is not None:
+        filled = replay["positions"] >= 0
+        assert filled.sum() > 0
+        # The resumed run inserts after each stream's saved head; budgets here never wrap it.
+        now = trainer.c.replay
+        assert np.array_equal(now.obs[filled], replay["obs"][filled])
+        assert np.array_equal(now.positions[filled], replay["positions"][filled])
