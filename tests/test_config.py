@@ -222,8 +222,9 @@ def test_valid_overrides_apply():
 
 def test_config_is_frozen():
     config = build_config(DQN.preset)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.train.seed = 5  # type: ignore[misc]
+    assert config.train.seed == build_config(DQN.preset).train.seed
 
 
 # --- algorithm hyperparameters and names --------------------------------------------------------

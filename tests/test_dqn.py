@@ -42,8 +42,9 @@ def test_td_target_matches_hand_computation(double):
         bootstrap = next_target[torch.arange(5), chooser.argmax(1)]
         expected = b.rewards + b.discounts * bootstrap
     torch.testing.assert_close(td_abs, (expected - q).abs())
-    terminal = b.discounts == 0  # no bootstrap through a terminated episode
-    torch.testing.assert_close((expected - b.rewards)[terminal], torch.zeros(int(terminal.sum())))
+    terminal = b.discounts == 0  # no bootstrap through a terminated episode: the reward alone
+    assert terminal.sum() == 2
+    torch.testing.assert_close(td_abs[terminal], (b.rewards - q).abs()[terminal])
 
 
 def test_updates_fit_a_fixed_batch_and_copy_the_target():

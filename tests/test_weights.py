@@ -21,23 +21,39 @@ def publish_constants(store: WeightStore, stop: threading.Event, deadline: float
         store.publish(source)
 
 
-def read_and_check(store: WeightStore, min_versions: int, budget_s: float) -> tuple[int, int]:
-    """Read until ``min_versions`` publishes went by (or the budget ran out); check every copy.
+class Flat(nn.Module):
+    """One parameter the size of the store: what ``pull`` copies into, as an actor's network."""
 
-    Returns (reads, versions seen).
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+
+
+def read_and_check(store: WeightStore, min_versions: int, budget_s: float) -> tuple[int, int, int]:
+    """Read until ``min_versions`` publishes went by (or the budget ran out), by ``read_into``
+    and by ``pull`` (as actors read) in turn; check every copy.
+
+    Returns (reads, versions seen, reads that overlapped a publish and were redone).
     """
     out = torch.empty(store.num_params)
+    module = Flat(store.num_params)
+    retries_before = store.read_retries
     deadline = time.monotonic() + budget_s
     first = last = store.read_into(out)
     reads = 0
     while last - first < min_versions and time.monotonic() < deadline:
-        version = store.read_into(out)
-        low, high = torch.aminmax(out)
+        if reads % 2:
+            version = store.read_into(out)
+            copy = out
+        else:
+            version = store.pull(module, -1)
+            copy = module.weight
+        low, high = torch.aminmax(copy)
         assert low == high == version, f"torn read: [{low}, {high}] at version {version}"
         assert version >= last, "version went backwards"
         last = version
         reads += 1
-    return reads, last - first
+    return reads, last - first, store.read_retries - retries_before
 
 
 def test_no_torn_read_across_threads():
@@ -48,12 +64,13 @@ def test_no_torn_read_across_threads():
     )
     writer.start()
     try:
-        reads, versions = read_and_check(store, min_versions=50, budget_s=5)
+        reads, versions, retries = read_and_check(store, min_versions=50, budget_s=5)
     finally:
         stop.set()
         writer.join(timeout=5)
     assert not writer.is_alive()
-    assert reads > 0 and versions > 0
+    # Reads and publishes really overlapped (else no torn read could have been seen).
+    assert reads > 0 and versions > 0 and retries > 0
 
 
 def _child_reader(store: WeightStore, results: mp.Queue) -> None:
@@ -88,8 +105,8 @@ def test_no_torn_read_across_a_spawned_process():
                 pass
         assert result is not None, "the child reader did not finish in time"
         assert result[0] == "ok", result[1]
-        _, reads, versions = result
-        assert reads > 0 and versions > 0
+        _, reads, versions, retries = result
+        assert reads > 0 and versions > 0 and retries > 0
         child.join(timeout=10)
         assert child.exitcode == 0
     finally:
