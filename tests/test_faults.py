@@ -136,7 +136,8 @@ def test_nonfinite_updates_are_skipped_counted_and_kept_out_of_the_weights(tmp_p
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     skipped = rows[-1]["charts/skipped_updates"]
     assert skipped > 0 and result["updates"] > skipped
-    assert all(r["losses/td_loss"] is not None for r in rows if "losses/td_loss" in r)
+    losses = [r["losses/td_loss"] for r in rows if "losses/td_loss" in r]
+    assert losses and all(loss is not None and math.isfinite(loss) for loss in losses)
     for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
         assert all_finite(checkpoint.load(path)[1]["algo"])
     # Good updates lost to rollbacks: only those before the first bad one (then a snapshot per
