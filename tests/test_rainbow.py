@@ -125,7 +125,15 @@ def test_importance_weights_scale_the_loss_not_the_priorities():
     b.weights = torch.tensor([2.0, 0.0, 1.0, 0.5, 1.0])
     weighted, _, kl_weighted = algo.loss(b)
     torch.testing.assert_close(kl_weighted, kl)
-    assert not torch.allclose(weighted, loss)
+    # The weighted mean of the per-transition cross-entropies (the unweighted loss is their mean).
+    rows = torch.arange(5)
+    with torch.no_grad():
+        log_p = algo.q(b.obs)[rows, b.actions]
+        chooser = algo.q(b.next_obs) if algo.config.double else algo.target_q(b.next_obs)
+        next_p = algo.target_q(b.next_obs).exp()[rows, algo.q.q_values(chooser).argmax(1)]
+        cross_entropy = -(project_distribution(next_p, b.rewards, b.discounts, algo.q.support) * log_p).sum(1)
+    torch.testing.assert_close(loss, cross_entropy.mean())
+    torch.testing.assert_close(weighted, (b.weights * cross_entropy).mean())
 
 
 def test_updates_fit_a_fixed_batch_and_copy_the_target():
