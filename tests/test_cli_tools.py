@@ -9,6 +9,7 @@ import logging
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,12 @@ def test_plot_writes_an_image_of_runs_overlaid(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("eval/return_mean" in r for r in read_jsonl(run_dir / "metrics.jsonl"))
+    import matplotlib.image
+    image = matplotlib.image.imread(out)  # decodes: a real image, not just its magic bytes
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    # Not blank: besides the background, drawn pixels (axes, text, the curves) of several colours.
+    colours = np.unique(image[..., :3].reshape(-1, 3).round(2), axis=0)
+    assert len(colours) > 10
 
 
 def test_plot_draws_the_last_timeline_of_a_run_resumed_before_truncation(tmp_path, monkeypatch, capsys):
