@@ -18,6 +18,7 @@ from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.sequence import SequenceReplay
+from asyncrl.staging import Staging
 from asyncrl.weights import WeightStore
 
 _FIELDS = ("obs", "actions", "rewards", "discounts", "next_obs", "weights")
@@ -83,37 +84,41 @@ class Learner:
         self.importance_exponent = importance_exponent
         self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
         self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
-        self._pin = device.type == "cuda"
+        self.staging = Staging(device)
         self._executor: ThreadPoolExecutor | None = None
         self._seconds_per_update = 0.0  # of the last chunk
 
     def sample(self, count: int = 1) -> list[tuple[TransitionBatch | SequenceBatch, np.ndarray]]:
         """``count`` batches and their replay keys, drawn in one replay call (each batch
-        distributed as a draw of its own) and moved to the device in one copy per field: the
+        distributed as a draw of its own) and moved to the device in one copy per field (on
+        CUDA through pinned staging buffers, asynchronously; on the CPU no copy at all): the
         fixed cost of a draw, paid once per chunk."""
         timer = self.recorder.timer
         t0 = time.perf_counter()
         data = self.replay.sample(self.batch_size, self.importance_exponent(), batches=count)
         t1 = time.perf_counter()
+        sequences = isinstance(self.replay, SequenceReplay)
+        arrays = {name: data[name] for name in (_SEQUENCE_FIELDS + ("weights",) if sequences else _FIELDS)}
+        if sequences:
+            arrays.update({("state", name): array for name, array in data["state"].items()})
+        moved = self.staging.move(arrays)
 
-        def split(array: np.ndarray) -> tuple[torch.Tensor, ...]:
-            tensor = torch.from_numpy(array)
-            if self._pin:
-                tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-            elif tensor.device != self.device:
-                tensor = tensor.to(self.device)
+        def split(key) -> tuple[torch.Tensor, ...]:
+            tensor = moved[key]
+            if count == 1:  # the whole draw: unbinding one batch off a view costs ~4 us a field
+                return (tensor,)
             return tensor.view(count, self.batch_size, *tensor.shape[1:]).unbind(0)
 
         keys = data["keys"].reshape(count, -1)  # rows: np.split costs ~50 us more
-        if isinstance(self.replay, SequenceReplay):  # sampled batch first, handed over time first
-            fields = {name: [t.transpose(0, 1) for t in split(data[name])] for name in _SEQUENCE_FIELDS}
-            states = {name: split(array) for name, array in data["state"].items()}
-            weights = split(data["weights"])
+        if sequences:  # sampled batch first, handed over time first
+            fields = {name: [t.transpose(0, 1) for t in split(name)] for name in _SEQUENCE_FIELDS}
+            states = {name: split(("state", name)) for name in data["state"]}
+            weights = split("weights")
             batches: list = [SequenceBatch(**{name: fields[name][i] for name in _SEQUENCE_FIELDS},
                                            state={name: s[i] for name, s in states.items()},
                                            weights=weights[i]) for i in range(count)]
         else:
-            fields = {name: split(data[name]) for name in _FIELDS}
+            fields = {name: split(name) for name in _FIELDS}
             batches = [TransitionBatch(**{name: fields[name][i] for name in _FIELDS})
                        for i in range(count)]
         timer.add("sample", t1 - t0)
@@ -134,8 +139,12 @@ class Learner:
         if not self.guard.check(self.algo, metrics):
             return None
         self.recorder.losses = metrics[-1]
-        if self.replay.prioritized:  # uniform replay: no device-to-host copy per update
-            priorities = [None if p is None else p.float().cpu().numpy() for p in priorities]
+        if self.replay.prioritized:  # uniform replay: no device-to-host copy at all
+            # The chunk's priorities come back in one copy, not one per update: on CUDA that and
+            # the guard's check above are the chunk's only waits for its updates.
+            given = [p for p in priorities if p is not None]
+            host = iter(torch.stack(given).float().cpu().numpy() if given else ())
+            priorities = [None if p is None else next(host) for p in priorities]
         else:
             priorities = [None] * len(batches)
         t1 = time.perf_counter()

@@ -28,6 +28,7 @@ from asyncrl.faults import NonFiniteGuard
 from asyncrl.learner import denormals_flushed, run_to_completion
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, _Waiters
+from asyncrl.staging import Staging
 from asyncrl.weights import WeightStore
 
 Extras = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -354,20 +355,17 @@ class TrajectoryLearner:
         # Acting waits for every update (PPO): updates run in the loop's own thread, since a
         # worker thread would only contend for the GIL with the waiting actors.
         self.acting_waits = False
+        self.staging = Staging(device)
         self._executor: ThreadPoolExecutor | None = None
 
     def sample(self) -> TrajectoryBatch:
         t0 = time.perf_counter()
         fields, extras = self.queue.take(self.batch_size)
         t1 = time.perf_counter()
-        pin = self.device.type == "cuda"
-
-        def move(array: np.ndarray) -> torch.Tensor:
-            tensor = torch.from_numpy(array)
-            return tensor.pin_memory().to(self.device, non_blocking=True) if pin else tensor.to(self.device)
-
-        batch = TrajectoryBatch(**{k: move(v) for k, v in fields.items()},
-                                extras={k: move(v) for k, v in extras.items()})
+        # Through pinned staging buffers on CUDA (see asyncrl.staging); on the CPU no copy.
+        moved = self.staging.move({**fields, **{("extras", k): v for k, v in extras.items()}})
+        batch = TrajectoryBatch(**{k: moved[k] for k in fields},
+                                extras={k: moved["extras", k] for k in extras})
         self.policy_lag = float(self.store.version - fields["weight_version"].mean())
         self.recorder.timer.add("sample", t1 - t0)
         self.recorder.timer.add("h2d", time.perf_counter() - t1)
