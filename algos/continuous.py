@@ -8,14 +8,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from algos.nets import Widths
+from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, TransitionBatch, TransitionData
 
 
-class ContinuousConfig(BaseModel):
+class ContinuousConfig(ConfigModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     actor_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the policy.")

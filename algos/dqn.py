@@ -15,10 +15,11 @@ from torch.func import functional_call, grad
 
 from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
 from algos.nets import Widths, obs_torso
+from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 
-class QLearningConfig(BaseModel):
+class QLearningConfig(ConfigModel):
     """The hyperparameters DQN and Rainbow share, with DQN's defaults. Each algorithm's config
     subclasses it, adding its own fields and overriding what differs; neither accepts the
     other's own fields (``extra="forbid"``)."""

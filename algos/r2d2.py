@@ -18,10 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from algos.nets import NatureCNN, mlp
+from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, Metrics, SequenceBatch, SequenceData, StateSpec
 
 
-class R2D2Config(BaseModel):
+class R2D2Config(ConfigModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")

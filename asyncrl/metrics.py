@@ -71,15 +71,6 @@ class Recorder:
     def wall_s(self) -> float:
         return self._wall_offset + time.perf_counter() - self._start
 
-    def resume_at(self, env_steps: int, updates: int, episodes: int, wall_s: float) -> None:
-        """Continue the counters of a restored checkpoint: rows go on from its env steps, and
-        wall time from its wall time."""
-        self.env_steps, self.updates, self.episodes = env_steps, updates, episodes
-        self._wall_offset = wall_s
-        self._start = time.perf_counter()
-        self._next_log = (env_steps // self.log_every + 1) * self.log_every
-        self._last = (self._start, env_steps, updates)
-
     def episode_done(self, returns: list[float], lengths: list[int]) -> None:
         self.returns.extend(returns)
         self.lengths.extend(lengths)

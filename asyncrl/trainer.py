@@ -21,7 +21,7 @@ import torch
 from asyncrl import checkpoint, registry
 from asyncrl.actor import Actor
 from asyncrl.adders import NStepAdder
-from asyncrl.config import Config, ConfigError, require_memory, with_run_defaults
+from asyncrl.config import EVAL_SEED_OFFSET, Config, ConfigError, require_memory, with_run_defaults
 from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, acting_copy, actor_state_spec
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
@@ -418,7 +418,7 @@ class Trainer:
         """``fn(*args)`` on the I/O thread, so the event loop (a host's too) keeps running. If the
         awaiting task is cancelled meanwhile, ``fn`` still finishes before the cancellation goes
         on: what it built is owned, and closed, by this run."""
-        return await run_to_completion(self._io, fn, *args)
+        return await run_to_completion(self._io, _stop_iteration_raised, fn, *args)
 
     def _start(self, recorder: Recorder) -> None:
         """Build the run (on the I/O thread), restore a checkpoint when resuming, open the run
@@ -523,7 +523,6 @@ class Trainer:
         self._ckpt_due.set()
 
     async def _evaluator(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._eval_due.wait()
             self._eval_due.clear()
@@ -534,11 +533,10 @@ class Trainer:
             held = self.c.learner.lock if self.config.train.target_return is not None else nullcontext()
             async with held:
                 network, version = self._eval_network()
-                returns = await loop.run_in_executor(self._io, self._eval_returns, network)
+                returns = await self._off_loop(self._eval_returns, network)
                 self._record_eval(returns, version)
 
     async def _checkpointer(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._ckpt_due.wait()
             self._ckpt_due.clear()
@@ -546,7 +544,7 @@ class Trainer:
                 return
             async with self.c.learner.lock:  # no update in flight: a consistent state
                 snapshot = self._snapshot()
-            await loop.run_in_executor(self._io, self._save, *snapshot)
+            await self._off_loop(self._save, *snapshot)
 
     # --- evaluation and checkpoints -----------------------------------------------------------
 
@@ -561,9 +559,9 @@ class Trainer:
         e, t = self.config.env, self.config.train
         if self._eval_env is None:
             kwargs = {**e.kwargs, **e.eval_kwargs}
-            self._eval_env = make_env(e.id, t.eval_episodes, None, t.seed + 1_000_003, kwargs, self._env_fn,
+            self._eval_env = make_env(e.id, t.eval_episodes, None, self.config.eval_seed, kwargs, self._env_fn,
                                       e.max_errors_in_a_row, e.obs_indices)
-            self._eval_rng = np.random.default_rng([t.seed, 1_000_003])
+            self._eval_rng = np.random.default_rng([t.seed, EVAL_SEED_OFFSET])
         return evaluate(self._eval_env, self.c.algo, network, self._eval_rng)
 
     def _record_eval(self, returns: list[float], version: int) -> None:
@@ -694,6 +692,7 @@ class Trainer:
         """Faults survived so far (``charts/`` in each row)."""
         c = self.c
         counters = {"skipped_updates": c.learner.guard.skipped_updates,
+                    "nonfinite_steps": sum(a.nonfinite_steps for a in c.actors),
                     "env_errors": sum(getattr(a.env, "errors", 0) for a in c.actors if isinstance(a, Actor))}
         if c.remote is not None:  # remote actors that died and were restarted by Ray
             counters["actor_restarts"] = sum(a.restarts for a in c.actors)
@@ -710,6 +709,16 @@ class Trainer:
             self.c.recorder.close()
         if self._eval_env is not None:
             self._eval_env.close()
+
+def _stop_iteration_raised(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)``, a StopIteration from it (an exhausted iterator in a user's env factory)
+    raised as a RuntimeError: a future cannot carry a StopIteration, and its awaiter would wait
+    for ever."""
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"StopIteration escaped from {getattr(fn, '__qualname__', fn)}") from exc
+
 
 def _to_cpu(state: Any) -> Any:
     """A copy of a (nested) state dict on the CPU, safe to write while training goes on."""

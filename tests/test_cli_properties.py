@@ -132,6 +132,10 @@ def check_refused(capsys, code: int, reached: list, field: str) -> str:
     ("dqn", "train.seed=18446744073709551616", "train.seed"),  # beyond int64
     ("dqn", "train.seed=2147483000", "train.seed"),  # an int32, but the evaluation envs' would not be
     ("ppo", "algo.lr=inf", "algo.lr"),
+    ("dqn", "algo.lr=inf", "algo.lr"),
+    ("dqn", "algo.n_step=true", "algo.n_step"),
+    ("sac", "algo.tau=nan", "algo.tau"),
+    ("r2d2", "algo.lr=inf", "algo.lr"),
     ("ppo", "algo.epochs=true", "algo.epochs"),
     ("ppo", "algo.anneal_env_steps=true", "algo.anneal_env_steps"),
     ("impala", "algo.max_grad_norm=inf", "algo.max_grad_norm"),
