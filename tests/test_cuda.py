@@ -5,6 +5,10 @@ unpinned); the tests marked ``cuda`` run on a box with a GPU and are skipped els
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,6 +184,16 @@ def test_a_serial_run_through_the_staging_buffers_learns_exactly_what_the_direct
         assert result["updates"] > 50 and trainer.c.learner.staging.staged == staged
         weights.append([p.detach().clone() for p in trainer.c.algo.q.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this box has a GPU: bench/gpu.sh would measure it")
+def test_the_gpu_bench_says_in_one_line_that_there_is_no_gpu_and_exits_0(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", str(root / "bench" / "gpu.sh"), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1 and "no GPU" in done.stdout and done.stderr == ""
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written
 
 
 # --- on a GPU ------------------------------------------------------------------------------------

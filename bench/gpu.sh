@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The first measurements on a GPU box, in one command:
+#
+#     bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to ./gpu-bench-<date>
+#
+# runs `python -m asyncrl bench` with the learner on CUDA for DQN on Pong-v5, PPO on Pong-v5 and
+# SAC on HalfCheetah-v5 (their configs/*.toml), writes each one's JSON (raw figures, medians,
+# ratios) and table into OUT_DIR, with the machine's description (GPU, driver, torch, commit)
+# in OUT_DIR/machine.txt. On a box without CUDA it says so in one line and exits 0.
+#
+# Time, on paper (not yet measured on a GPU box). Each bench runs 5 modes x REPEATS x (warm-up
+# 1 s + SECONDS) = 5 x 3 x 3 s = 45 s of measuring, plus its set-up: imports, CUDA's start and
+# the env probe once (~5-10 s), and per repeat an EnvPool pool per mode (~1 s each for Pong's
+# 8-16 envs), the learner mode's synthetic replay (3 x min_size_to_sample steps: 15k Pong
+# frames, ~3 s), the end-to-end trainer's start and its filling to min_size_to_sample before its
+# first update (lowered here to 5k env steps for DQN, 2k for SAC: ~5 s at the ~1k env steps/s of
+# Pong's CPU acting network measured on the 2-core box) and its final one-episode evaluation
+# (~1-3 s): ~12 s a repeat. So ~85 s for each Pong bench and ~60 s for SAC: ~4 min in all,
+# under the 5 minutes asked. Calibration here (2 shared cores, CPU learner): the dry run below
+# took 94 s for all three at 0.5 s x 1 repeat, of which ~80 s set-up; one Pong repeat's set-up
+# was 26-34 s, most of it the CPU learner competing with the trainer's acting, which the GPU
+# takes over. Each bench is capped at CAP_S (so 5 minutes at worst) so that a hang cannot hold
+# the box; a capped bench leaves no JSON and is named at the end. The lowered
+# min_size_to_sample (and SAC's random_steps) change when learning starts, not the
+# steady-state rates measured.
+#
+# GPU_SH_DRY_RUN=1 runs the same commands on the CPU for a fraction of a second per mode: a
+# check, on a box without a GPU, that the commands and overrides still work.
+set -uo pipefail
+OUT=${1:-./gpu-bench-$(date +%Y-%m-%d)}
+case $OUT in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # relative to where it was called from
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+
+if [ "${GPU_SH_DRY_RUN:-0}" = 1 ]; then
+    DEVICE=cpu SECONDS_PER_MODE=0.5 REPEATS=1 CAP_S=600
+else
+    if [ "$("$PY" -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null)" != True ]; then
+        echo "bench/gpu.sh: no GPU here (torch.cuda.is_available() is not True): nothing to measure"
+        exit 0
+    fi
+    DEVICE=cuda SECONDS_PER_MODE=2 REPEATS=3 CAP_S=100
+fi
+
+mkdir -p "$OUT" || exit 1
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    nproc | sed 's/^/cpu cores /'
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version()); [print(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]'
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+} > "$OUT/machine.txt" 2>&1
+
+# name | bench arguments (after the common ones)
+BENCHES=(
+    "dqn_pong|--config configs/dqn_pong.toml --set replay.min_size_to_sample=5000"
+    "ppo_pong|--config configs/ppo_pong.toml"
+    "sac_halfcheetah|--config configs/sac_halfcheetah.toml --set replay.min_size_to_sample=2000 --set algo.random_steps=2000"
+)
+failed=()
+start=$(date +%s)
+for entry in "${BENCHES[@]}"; do
+    name=${entry%%|*}
+    args=${entry#*|}
+    t0=$(date +%s)
+    echo "== $name: python -m asyncrl bench $args --set learner.device='$DEVICE' --seconds $SECONDS_PER_MODE --repeats $REPEATS"
+    # shellcheck disable=SC2086  # $args is a list of words
+    if ! timeout --signal=INT --kill-after=15 "$CAP_S" "$PY" -m asyncrl bench $args \
+            --set "learner.device='$DEVICE'" --seconds "$SECONDS_PER_MODE" --repeats "$REPEATS" \
+            --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"; then
+        failed+=("$name")
+    fi
+    [ -s "$OUT/$name.json" ] || [[ " ${failed[*]} " == *" $name "* ]] || failed+=("$name")
+    echo "== $name: $(( $(date +%s) - t0 )) s"
+done
+echo "bench/gpu.sh: $(( $(date +%s) - start )) s; results in $OUT"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "bench/gpu.sh: no result for: ${failed[*]} (see $OUT/<name>.txt)"
+    exit 1
+fi
