@@ -2,9 +2,11 @@
 (on the CPU: no copy at all). Medians of repeats, so that a change to the staging path shows up
 as a change here and not as noise. ``--against`` another checkout's ``asyncrl/learner.py`` times
 its ``Learner.sample`` on the same replay, interleaved with this one's round by round, so that
-both see the same load on a shared box.
+both see the same load on a shared box. ``--fixed-draw`` hands every ``sample`` the same drawn
+arrays (the replay's draw is not timed): the move and the split into batches alone.
 
-    .venv/bin/python bench/staging_cost.py [--repeats 15] [--draws 300] [--against OTHER/asyncrl/learner.py]
+    .venv/bin/python bench/staging_cost.py [--repeats 15] [--draws 300] [--fixed-draw]
+                                           [--against OTHER/asyncrl/learner.py]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from asyncrl.replay import Replay
 # (label, obs shape, obs dtype, batches per draw): CartPole-like vectors at a chunk of 8 updates,
 # Atari frames at one update per draw.
 CASES = [("vector obs [4] f32, 8 x 32", (4,), np.float32, 8),
+         ("vector obs [4] f32, 1 x 32", (4,), np.float32, 1),
          ("atari obs [4,84,84] u8, 1 x 32", (4, 84, 84), np.uint8, 1)]
 
 
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--draws", type=int, default=300)
     parser.add_argument("--against", help="another checkout's asyncrl/learner.py, timed interleaved")
+    parser.add_argument("--fixed-draw", action="store_true", help="time the move and split only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     classes = {"this": Learner}
@@ -71,6 +75,9 @@ def main() -> None:
         classes[args.against] = load_learner_class(args.against)
     for label, shape, dtype, count in CASES:
         replay = make_replay(shape, dtype)
+        if args.fixed_draw:
+            drawn = replay.sample(32, 0.0, batches=count)
+            replay.sample = lambda *_, **__: drawn
         learners = {name: make_learner(cls, replay) for name, cls in classes.items()}
         for learner in learners.values():
             time_draws(learner, count, 20)  # warm
