@@ -18,7 +18,8 @@ from asyncrl.config import ConfigError, build_config
 from asyncrl.core import EnvSpec
 from asyncrl.metrics import read_jsonl
 from asyncrl.process_actor import ProcessActor
-from asyncrl.rollout import OnPolicyActor
+from asyncrl.ratelimit import LimiterStopped
+from asyncrl.rollout import OnPolicyActor, TrajectoryLearner
 from asyncrl.trainer import Trainer
 from resume_checks import assert_resumed_from, newest, watch_first_update
 
@@ -157,17 +158,53 @@ def test_impala_refuses_continuous_actions():
         IMPALA(spec, IMPALAConfig(), torch.device("cpu"))
 
 
-def test_stop_releases_an_actor_waiting_for_the_learner(tmp_path):
+def test_stop_releases_an_actor_waiting_for_the_learner(tmp_path, monkeypatch):
+    """PPO's actors wait after each rollout for weights trained on it. Hold the learner (it takes
+    the rollouts and publishes nothing), see every actor waiting, and stop: the run must end."""
+    hold = {"on": False, "updates": 0}
+    waits = {"waiting": 0, "stopped": 0}
+    update, await_new_weights = TrajectoryLearner._update, OnPolicyActor._await_new_weights
+
+    def held_update(self, batch):
+        if not hold["on"]:
+            return update(self, batch)
+        hold["updates"] += 1  # took the rollout, published nothing: the actors' wait cannot end
+        return False
+
+    async def watched_wait(self, queue):
+        waits["waiting"] += 1
+        try:
+            await await_new_weights(self, queue)
+        except LimiterStopped:
+            waits["stopped"] += 1
+            raise
+        finally:
+            waits["waiting"] -= 1
+
+    monkeypatch.setattr(TrajectoryLearner, "_update", held_update)
+    monkeypatch.setattr(OnPolicyActor, "_await_new_weights", watched_wait)
     trainer = Trainer(ppo("train.total_env_steps=10_000_000"), run_dir=tmp_path)
+
+    async def poll(predicate):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
     async def main():
         task = asyncio.create_task(trainer.run())
-        while trainer.recorder is None or trainer.recorder.env_steps < 1000:
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(poll(lambda: trainer.recorder is not None and trainer.recorder.env_steps >= 1000), 60)
+        hold["on"] = True
+        actors = len(trainer.c.actors)
+        # A held update has taken a rollout and every actor is in its wait: none can go on.
+        await asyncio.wait_for(poll(lambda: hold["updates"] >= 1 and waits["waiting"] == actors), 20)
+        version, steps = trainer.c.store.version, trainer.recorder.env_steps
+        await asyncio.sleep(0.2)
+        assert waits["waiting"] == actors and trainer.recorder.env_steps == steps
+        assert trainer.c.store.version == version and not task.done()
         trainer.stop()
-        return await asyncio.wait_for(task, 20)
+        return actors, await asyncio.wait_for(task, 20)
 
-    result = asyncio.run(main())
+    actors, result = asyncio.run(main())
+    assert waits == {"waiting": 0, "stopped": actors}  # each wait ended by the stop
     assert 1000 <= result["env_steps"] < 10_000_000
 
 
