@@ -60,7 +60,8 @@ from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
 from asyncrl.rollout import RolloutQueue
 from asyncrl.sequence import SequenceReplay
-from asyncrl.trainer import Components, Trainer, build, placement
+from asyncrl.trainer import Trainer
+from asyncrl.wiring import Components, build, placement
 
 # figure name -> (mode it comes from, unit)
 FIGURES: dict[str, tuple[str, str]] = {
