@@ -86,8 +86,19 @@ def test_tensorboard_scalars_match_the_jsonl_rows(tmp_path):
 
 def test_async_mode_with_envpool_async_batches_and_two_actors(tmp_path):
     cfg = config("env.num_envs=8", "env.batch_size=4", "actors.num_actors=2", "replay.prioritized=true")
-    result = run(Trainer(cfg, run_dir=tmp_path))
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = run(trainer)
     assert result["env_steps"] >= 3000 and result["updates"] > 0
+    replay = trainer.c.replay
+    # Both actors delivered: actor i writes the streams of its envs, i * 8 .. i * 8 + 7.
+    rows = replay.head.reshape(2, 8).sum(1)
+    assert len(trainer.c.actors) == 2 and np.all(rows >= rows.sum() // 10), rows
+    # Priorities moved: a slot enters at the largest priority seen so far (1 at first) and the
+    # learner writes back its TD errors, so the stored values spread over many values below it.
+    stored = replay.state_dict()["priorities"]
+    stored = stored[stored > 0]  # the drawable slots
+    assert replay.max_priority > 1.0 and len(np.unique(stored)) > 100
+    assert np.mean(stored < replay.max_priority ** replay.priority_exponent) > 0.5
 
 
 def test_stop_ends_a_run_cleanly(tmp_path):
