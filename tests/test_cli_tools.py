@@ -177,3 +177,39 @@ def test_plot_of_a_directory_without_metrics_exits_2(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["run_dir", "temp_dir"])
+def test_a_crash_writes_its_traceback_to_a_log_the_error_line_names(tmp_path, monkeypatch, capsys, where):
+    """An unexpected exception inside a run: exit 1, one error line naming the crash log, and the
+    traceback in that log: in the run directory, or in the temp directory when the run failed
+    before it had one."""
+    from algos.dqn import DQN
+    from asyncrl.trainer import Trainer as RunTrainer
+
+    def update(self, batch):
+        raise RuntimeError("an update that breaks")
+
+    def no_trainer(self, *args, **kwargs):
+        raise RuntimeError("a trainer that breaks")
+
+    if where == "run_dir":
+        monkeypatch.setattr(DQN, "update", update)
+    else:
+        monkeypatch.setattr(RunTrainer, "__init__", no_trainer)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run = tmp_path / "run"
+    argv = ["run", "dqn", "--no-live", "--run-dir", str(run), "--set", "train.mode='serial'",
+            "--set", "replay.min_size_to_sample=200", "--set", "train.total_env_steps=100000",
+            "--set", "train.tensorboard=false"]
+    assert cli.main(argv) == 1
+    crash = (run if where == "run_dir" else tmp_path / "tmp") / "asyncrl-crash.log"
+    message = "an update that breaks" if where == "run_dir" else "a trainer that breaks"
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == [f"error: RuntimeError: {message} (traceback in {crash.resolve()})"]
+    log = crash.read_text()
+    raised_in = " in update\n" if where == "run_dir" else " in no_trainer\n"
+    assert "Traceback (most recent call last):" in log and raised_in in log and f"RuntimeError: {message}" in log
+    if where == "run_dir":
+        assert not (tmp_path / "tmp" / "asyncrl-crash.log").exists()
