@@ -1,5 +1,7 @@
-"""The learner: sample under the rate limiter, move the batch to the device, update in a worker
-thread (acting goes on meanwhile), apply priorities, publish weights."""
+"""The learner: the one loop over every data plan. It waits at the plan's gate (the rate limiter
+of a replay, or a rollout queue), draws batches (:class:`ReplayDraw`, :class:`QueueDraw`), moves
+them to the device, updates in a worker thread (acting goes on meanwhile) or a slice of the loop,
+writes priorities back and publishes weights."""
 
 from __future__ import annotations
 
@@ -7,15 +9,15 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from asyncrl.core import Algorithm, SequenceBatch, TransitionBatch
+from asyncrl.core import Algorithm, SequenceBatch, TrajectoryBatch, TransitionBatch
 from asyncrl.faults import NonFiniteGuard
-from asyncrl.metrics import Recorder
-from asyncrl.ratelimit import LimiterStopped, RateLimiter
+from asyncrl.metrics import PhaseTimer, Recorder
+from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
 from asyncrl.sequence import SequenceReplay
 from asyncrl.staging import Staging
@@ -72,32 +74,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Learner:
-    def __init__(self, algo: Algorithm, replay: Replay | SequenceReplay, limiter: RateLimiter, store: WeightStore,
-                 recorder: Recorder, device: torch.device, batch_size: int, publish_every: int,
-                 max_updates_per_call: int, importance_exponent: Callable[[], float],
-                 max_nonfinite_in_a_row: int = 50, flush_denormal: bool = True):
-        self.algo, self.replay, self.limiter, self.store = algo, replay, limiter, store
-        self.flush_denormal = flush_denormal
-        self.recorder, self.device, self.batch_size = recorder, device, batch_size
-        self.publish_every, self.max_updates_per_call = publish_every, max_updates_per_call
-        self.importance_exponent = importance_exponent
-        self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
-        self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
-        self.staging = Staging(device)
-        self._executor: ThreadPoolExecutor | None = None
-        self._seconds_per_update = 0.0  # of the last chunk
+class ReplayDraw:
+    """The learner's draw from a replay of transitions or sequences: ``count`` batches in one
+    replay call (each distributed as a draw of its own), moved to the device in one copy per
+    field (on CUDA through pinned staging buffers; on the CPU no copy at all), with their keys,
+    whose priorities go back to the replay."""
 
-    def sample(self, count: int = 1) -> list[tuple[TransitionBatch | SequenceBatch, np.ndarray]]:
-        """``count`` batches and their replay keys, drawn in one replay call (each batch
-        distributed as a draw of its own) and moved to the device in one copy per field (on
-        CUDA through pinned staging buffers, asynchronously; on the CPU no copy at all): the
-        fixed cost of a draw, paid once per chunk."""
-        timer = self.recorder.timer
+    def __init__(self, replay: Replay | SequenceReplay, batch_size: int,
+                 importance_exponent: Callable[[], float], staging: Staging, timer: PhaseTimer):
+        self.replay, self.batch_size, self.staging, self.timer = replay, batch_size, staging, timer
+        self.importance_exponent = importance_exponent
+        self.prioritized = replay.prioritized
+        self._sequences = isinstance(replay, SequenceReplay)
+
+    def __call__(self, count: int) -> list[tuple[TransitionBatch | SequenceBatch, np.ndarray]]:
         t0 = time.perf_counter()
         data = self.replay.sample(self.batch_size, self.importance_exponent(), batches=count)
         t1 = time.perf_counter()
-        sequences = isinstance(self.replay, SequenceReplay)
+        sequences = self._sequences
         arrays = {name: data[name] for name in (_SEQUENCE_FIELDS + ("weights",) if sequences else _FIELDS)}
         if sequences:
             arrays.update({("state", name): array for name, array in data["state"].items()})
@@ -121,13 +115,76 @@ class Learner:
             fields = {name: split(name) for name in _FIELDS}
             batches = [TransitionBatch(**{name: fields[name][i] for name in _FIELDS})
                        for i in range(count)]
-        timer.add("sample", t1 - t0)
-        timer.add("h2d", time.perf_counter() - t1)
+        self.timer.add("sample", t1 - t0)
+        self.timer.add("h2d", time.perf_counter() - t1)
         return list(zip(batches, keys))
 
-    def _update(self, batches: list[TransitionBatch]) -> list[np.ndarray | None] | None:
-        """Runs on the learner thread (or inline in serial mode). None: the chunk was non-finite
-        and rolled back (see :class:`NonFiniteGuard`)."""
+    def write_back(self, keys: np.ndarray, priorities: np.ndarray) -> None:
+        self.replay.update_priorities(keys, priorities)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class QueueDraw:
+    """The learner's draw from a rollout queue: ``count`` batches of ``batch_size`` trajectories,
+    each taken once, and how far behind the learner's weights they were acted (``policy_lag``)."""
+
+    prioritized = False
+
+    def __init__(self, queue: Any, batch_size: int, store: WeightStore, staging: Staging, timer: PhaseTimer):
+        self.queue, self.batch_size, self.store, self.staging = queue, batch_size, store, staging
+        self.timer = timer
+        self.policy_lag = 0.0  # learner version minus the batch's, averaged over its trajectories
+
+    def __call__(self, count: int) -> list[tuple[TrajectoryBatch, None]]:
+        drawn = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            fields, extras = self.queue.take(self.batch_size)
+            t1 = time.perf_counter()
+            moved = self.staging.move({**fields, **{("extras", k): v for k, v in extras.items()}})
+            self.timer.add("sample", t1 - t0)
+            self.timer.add("h2d", time.perf_counter() - t1)
+            drawn.append((TrajectoryBatch(**{k: moved[k] for k in fields},
+                                          extras={k: moved["extras", k] for k in extras}), None))
+            self.policy_lag = float(self.store.version - fields["weight_version"].mean())
+        return drawn
+
+    def write_back(self, keys: None, priorities: np.ndarray) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {"policy_lag": self.policy_lag}
+
+
+class Learner:
+    """The one learner loop, over any plan's gate (a rate limiter or a rollout queue: what
+    permits a draw) and draw (what a batch is made of)."""
+
+    def __init__(self, algo: Algorithm, gate: Any, draw: ReplayDraw | QueueDraw, store: WeightStore,
+                 recorder: Recorder, batch_size: int, publish_every: int, max_updates_per_call: int,
+                 max_nonfinite_in_a_row: int = 50, flush_denormal: bool = True, acting_waits: bool = False):
+        self.algo, self.gate, self.draw, self.store = algo, gate, draw, store
+        self.flush_denormal = flush_denormal
+        self.recorder, self.batch_size = recorder, batch_size
+        self.publish_every, self.max_updates_per_call = publish_every, max_updates_per_call
+        # Acting waits for every update (PPO): after the first, updates run in the loop's own
+        # thread, since a worker thread would only contend for the GIL with the waiting actors.
+        self.acting_waits = acting_waits
+        self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
+        self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
+        self._executor: ThreadPoolExecutor | None = None
+        self._seconds_per_update = 0.0  # of the last chunk
+
+    def sample(self, count: int = 1) -> list[tuple[Any, Any]]:
+        """``count`` batches and their keys: the fixed cost of a draw, paid once per chunk."""
+        return self.draw(count)
+
+    def _update(self, batches: list[Any]) -> list[np.ndarray | None] | None:
+        """Runs on the learner thread (or inline). None: the chunk was non-finite and rolled
+        back (see :class:`NonFiniteGuard`); the restored weights are published then too, since
+        actors that wait for each update (PPO) would otherwise wait for ever."""
         t0 = time.perf_counter()
         self.guard.before_chunk(self.algo)
         priorities, metrics = [], []
@@ -136,10 +193,10 @@ class Learner:
                 row, prio = self.algo.update(batch)
                 priorities.append(prio)
                 metrics.append(row)
-        if not self.guard.check(self.algo, metrics):
-            return None
-        self.recorder.losses = metrics[-1]
-        if self.replay.prioritized:  # uniform replay: no device-to-host copy at all
+        applied = self.guard.check(self.algo, metrics)
+        if applied:
+            self.recorder.losses = {**metrics[-1], **self.draw.metrics()}
+        if applied and self.draw.prioritized:  # otherwise no device-to-host copy at all
             # The chunk's priorities come back in one copy, not one per update: on CUDA that and
             # the guard's check above are the chunk's only waits for its updates.
             given = [p for p in priorities if p is not None]
@@ -150,50 +207,56 @@ class Learner:
         t1 = time.perf_counter()
         self.recorder.timer.add("update", t1 - t0)
         self._seconds_per_update = (t1 - t0) / len(batches)
-        updates = self.recorder.updates + len(batches)
-        if updates // self.publish_every > self.recorder.updates // self.publish_every:
+        updates = self.recorder.updates + (len(batches) if applied else 0)
+        if not applied or updates // self.publish_every > self.recorder.updates // self.publish_every:
             self.store.publish(self.algo.acting_network)
             self.recorder.timer.add("publish", time.perf_counter() - t1)
-        return priorities
+        return priorities if applied else None
 
-    def _finish(self, keys: list[np.ndarray], priorities: list[np.ndarray | None] | None) -> None:
+    def _finish(self, keys: list[Any], priorities: list[np.ndarray | None] | None) -> None:
         if priorities is None:  # rolled back: nothing was learnt
             return
         for k, p in zip(keys, priorities):
             if p is not None:
-                self.replay.update_priorities(k, p)
+                self.draw.write_back(k, p)
         self.recorder.updates += len(keys)
 
     def step(self) -> None:
-        """One update inline (serial mode); the caller has the limiter's permission."""
+        """One update inline (serial mode); the caller has the gate's permission."""
         ((batch, keys),) = self.sample()
         self._finish([keys], self._update([batch]))
 
+    def drain(self) -> None:
+        """Serial mode: every update the gate allows now."""
+        while self.gate.try_sample(self.batch_size):
+            self.step()
+
     async def run(self, in_thread: bool) -> None:
         """The async-mode loop. ``in_thread``: run updates in a worker thread so that inline
-        actors keep acting meanwhile. Without it (process actors) updates run in the loop's own
-        thread, a chunk at a time: the workers act in their processes anyway, and two Python
-        threads of one process would contend for its GIL. The first chunk runs in the thread
-        either way: it may take seconds (an algorithm compiling its update, lazy allocations)
-        and must not stall the loop meanwhile."""
+        actors keep acting meanwhile. Without it (process actors, or acting that waits for each
+        update) updates run in the loop's own thread, a chunk at a time: the workers act in their
+        processes anyway, and two Python threads of one process would contend for its GIL. The
+        first chunk runs in the thread either way: it may take seconds (an algorithm compiling
+        its update, lazy allocations) and must not stall the loop meanwhile."""
+        in_thread = in_thread and not self.acting_waits
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
         first = True
         try:
             while True:
                 t0 = time.perf_counter()
-                await self.limiter.await_sample(self.batch_size)
+                await self.gate.await_sample(self.batch_size)
                 self.recorder.timer.add("sample_wait", time.perf_counter() - t0)
-                # Take as many updates as the limiter allows now, up to a cap: one hand-off (or
+                # Take as many updates as the gate allows now, up to a cap: one hand-off (or
                 # one stretch of the loop) per chunk instead of one per update.
                 cap = self.max_updates_per_call
                 if not in_thread and self._seconds_per_update > 0:
                     cap = max(1, min(cap, int(_LOOP_SLICE_S / self._seconds_per_update)))
                 count = 1
-                while count < cap and self.limiter.try_sample(self.batch_size):
+                while count < cap and self.gate.try_sample(self.batch_size):
                     count += 1
                 drawn = self.sample(count)
                 async with self.lock:
-                    if self.limiter.stopped:  # stopped while waiting for the lock: keep the state
+                    if self.gate.stopped:  # stopped while waiting for the lock: keep the state
                         return
                     batches = [b for b, _ in drawn]
                     if not (in_thread or first):

@@ -1,10 +1,11 @@
-"""On-policy data: the trajectory adder, the FIFO rollout queue, the trajectory learner and the
+"""On-policy data: the trajectory adder, the FIFO rollout queue and the
 actor that waits for fresh weights (PPO's policy lag 0).
 
 Data flow: actor -> :class:`TrajectoryAdder` (cuts length-T trajectories per env, with the
 behaviour policy's extras and weight version) -> :class:`RolloutQueue` (bounded FIFO; producers
-wait while it is full; each trajectory is taken exactly once) -> :class:`TrajectoryLearner`
-(takes B trajectories, ``algo.update``, publishes) -> weight store -> actors.
+wait while it is full; each trajectory is taken exactly once) -> the learner (through
+:class:`asyncrl.learner.QueueDraw`: takes B trajectories, ``algo.update``, publishes) -> weight
+store -> actors.
 
 The queue stands where the off-policy path has the replay *and* its rate limiter: it offers the
 limiter's ``await_insert`` / ``await_sample`` / ``try_*`` / ``stop`` surface, so actors and the
@@ -15,21 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
-import torch
 
+from asyncrl.acting import Acted
 from asyncrl.actor import Actor
-from asyncrl.core import Algorithm, TrajectoryBatch, split_actions
 from asyncrl.envs import Step
-from asyncrl.faults import NonFiniteGuard
-from asyncrl.learner import denormals_flushed, run_to_completion
-from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, _Waiters
-from asyncrl.staging import Staging
-from asyncrl.weights import WeightStore
 
 Extras = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -245,18 +239,23 @@ class TrajectoryAdder:
             self._t[full] = 0
         return len(full)
 
-    def record_actions(self, env_ids, actions, extras: dict[str, np.ndarray], weight_version: int) -> None:
+    def record_actions(self, env_ids, acted: Acted, extras: dict[str, np.ndarray] | None = None,
+                       weight_version: int = 0) -> None:
         """The actions sent for these envs' latest observations, what the policy returned beside
-        them, and the weight version that chose them."""
+        them, and the weight version that chose them. (Plain actions with ``extras`` and
+        ``weight_version`` is the spelling from before :class:`Acted`, kept for
+        tests/test_rollout.py until it moves to the interface.)"""
+        if not isinstance(acted, Acted):
+            acted = Acted(np.asarray(acted), extras or {}, {}, weight_version)
         ids = np.asarray(env_ids, np.int64)
         if not self._has_prev[ids].all():
             raise RuntimeError("record_actions() for an env with no observation: call observe() first")
         rows = self._t[ids]
-        self._actions[ids, rows] = actions
+        self._actions[ids, rows] = acted.actions
         for name, array in self._extras.items():
-            array[ids, rows] = extras[name]
+            array[ids, rows] = acted.extras[name]
         starts = ids[rows == 0]
-        self._version[starts] = weight_version
+        self._version[starts] = acted.weight_version
         self._has_action[ids] = True
 
     def reset(self) -> None:
@@ -272,8 +271,13 @@ class OnPolicyActor(Actor):
     them: no action is ever chosen by stale weights. ``learn_now`` is serial mode's way to let
     the learner run in that pause."""
 
-    wait_for_learner = False
     learn_now: Callable[[], None] | None = None
+
+    def __init__(self, *args, wait_for_learner: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wait_for_learner = wait_for_learner
+        if wait_for_learner:  # every batch may follow an update: look at the store each time
+            self.policy.pull_every = 1
 
     def act_batch(self, step: Step) -> np.ndarray:
         t0 = time.perf_counter()
@@ -283,20 +287,6 @@ class OnPolicyActor(Actor):
         if pending and self.wait_for_learner and self.learn_now is not None:
             self.learn_now()
         return self._act(step)
-
-    def _act(self, step: Step) -> np.ndarray:
-        t1 = time.perf_counter()
-        if self._batches % self.pull_every == 0 or self.wait_for_learner:
-            version = self.store.pull(self.network, self.weight_version)
-            if version is not None:
-                self.weight_version = version
-        self._batches += 1
-        with torch.inference_mode():
-            out = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
-        actions, extras = split_actions(out)
-        self.adder.record_actions(step.env_ids, actions, extras, self.weight_version)
-        self.recorder.timer.add("inference", time.perf_counter() - t1)
-        return actions
 
     async def run(self, limiter: RolloutQueue, on_steps) -> None:
         self.env.async_reset()
@@ -312,9 +302,7 @@ class OnPolicyActor(Actor):
                 else:
                     step = await self.env.arecv()
                 t1 = time.perf_counter()
-                pending = self.adder.pending(step.env_ids)
-                if pending:
-                    await limiter.await_insert(pending)
+                pending = await self.admit(limiter, step.env_ids)
                 t2 = time.perf_counter()
                 self.observe(step)
                 t3 = time.perf_counter()
@@ -338,89 +326,3 @@ class OnPolicyActor(Actor):
             if queue.stopped:
                 raise LimiterStopped("rollout queue stopped")
             await asyncio.sleep(0.0005)
-
-
-class TrajectoryLearner:
-    """Takes ``batch_size`` trajectories from the queue, updates on the device, publishes."""
-
-    def __init__(self, algo: Algorithm, queue: RolloutQueue, store: WeightStore, recorder: Recorder,
-                 device: torch.device, batch_size: int, publish_every: int,
-                 max_nonfinite_in_a_row: int = 50, flush_denormal: bool = True):
-        self.algo, self.queue, self.store, self.recorder = algo, queue, store, recorder
-        self.flush_denormal = flush_denormal
-        self.device, self.batch_size, self.publish_every = device, batch_size, publish_every
-        self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
-        self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
-        self.policy_lag = 0.0  # learner version minus the batch's, averaged over its trajectories
-        # Acting waits for every update (PPO): updates run in the loop's own thread, since a
-        # worker thread would only contend for the GIL with the waiting actors.
-        self.acting_waits = False
-        self.staging = Staging(device)
-        self._executor: ThreadPoolExecutor | None = None
-
-    def sample(self) -> TrajectoryBatch:
-        t0 = time.perf_counter()
-        fields, extras = self.queue.take(self.batch_size)
-        t1 = time.perf_counter()
-        # Through pinned staging buffers on CUDA (see asyncrl.staging); on the CPU no copy.
-        moved = self.staging.move({**fields, **{("extras", k): v for k, v in extras.items()}})
-        batch = TrajectoryBatch(**{k: moved[k] for k in fields},
-                                extras={k: moved["extras", k] for k in extras})
-        self.policy_lag = float(self.store.version - fields["weight_version"].mean())
-        self.recorder.timer.add("sample", t1 - t0)
-        self.recorder.timer.add("h2d", time.perf_counter() - t1)
-        return batch
-
-    def _update(self, batch: TrajectoryBatch) -> bool:
-        """One update; False when it was non-finite and rolled back (see NonFiniteGuard)."""
-        t0 = time.perf_counter()
-        self.guard.before_chunk(self.algo)
-        with denormals_flushed(self.flush_denormal):
-            metrics, _ = self.algo.update(batch)
-        applied = self.guard.check(self.algo, [metrics])
-        if applied:
-            metrics["policy_lag"] = self.policy_lag
-            self.recorder.losses = metrics
-        t1 = time.perf_counter()
-        self.recorder.timer.add("update", t1 - t0)
-        # A rolled-back update publishes too (the restored, finite weights): actors that wait
-        # for a new version after each rollout (PPO) would otherwise wait for ever.
-        if not applied or (self.recorder.updates + 1) % self.publish_every == 0:
-            self.store.publish(self.algo.acting_network)
-            self.recorder.timer.add("publish", time.perf_counter() - t1)
-        return applied
-
-    def step(self) -> None:
-        """One update inline (serial mode); the caller claimed the batch (``try_sample``)."""
-        self.recorder.updates += self._update(self.sample())
-
-    def drain(self) -> None:
-        """Serial mode: every update the queue holds data for."""
-        while self.queue.try_sample(self.batch_size):
-            self.step()
-
-    async def run(self, in_thread: bool) -> None:
-        if in_thread and not self.acting_waits:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-learner")
-        try:
-            while True:
-                t0 = time.perf_counter()
-                await self.queue.await_sample(self.batch_size)
-                self.recorder.timer.add("sample_wait", time.perf_counter() - t0)
-                batch = self.sample()
-                async with self.lock:
-                    if self.queue.stopped:
-                        return
-                    if self._executor is None:
-                        applied = self._update(batch)
-                    else:
-                        applied = await run_to_completion(self._executor, self._update, batch)
-                self.recorder.updates += applied
-                if self._executor is None:
-                    await asyncio.sleep(0)
-        except LimiterStopped:
-            return
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None

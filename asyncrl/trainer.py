@@ -25,10 +25,9 @@ from asyncrl.core import acting_copy
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.evaluation import evaluate
 from asyncrl.faults import RunError
-from asyncrl.learner import run_to_completion
+from asyncrl.learner import QueueDraw, run_to_completion
 from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink, truncate_jsonl
 from asyncrl.policy import LivePolicy, Policy
-from asyncrl.rollout import TrajectoryLearner
 from asyncrl.stream import MetricStream
 from asyncrl.wiring import Components, build, default_run_dir
 
@@ -214,17 +213,18 @@ class Trainer:
         """The same components in one task, in a fixed order: deterministic for a seed."""
         c = self.c
         batch = c.learner.batch_size
+
+        def learn() -> bool:  # one update where the limiter allows one (the actor waits for room)
+            if not c.limiter.try_sample(batch):
+                return False
+            c.learner.step()
+            return True
+
         for actor in c.actors:
             actor.env.async_reset()
         while not self._stopping:
             for actor in c.actors:
-                step = actor.env.recv()
-                pending = actor.adder.pending(step.env_ids)
-                while pending and not c.limiter.try_insert(pending):
-                    if not c.limiter.try_sample(batch):
-                        raise RuntimeError("rate limiter refuses both insert and sample")
-                    c.learner.step()
-                actor.env.send(actor.act_batch(step), step.env_ids)
+                actor.step_now(c.limiter, learn)
                 done = self._on_steps()
                 while c.limiter.try_sample(batch):
                     c.learner.step()
@@ -376,7 +376,7 @@ class Trainer:
             "replay_size": c.replay.size, "replay_fill": c.replay.fill,
             "insert_wait_s": stats["insert_wait_s"], "sample_wait_s": stats["sample_wait_s"],
             "weight_staleness": max(a.staleness() for a in c.actors),
-            **({"policy_lag": c.learner.policy_lag} if isinstance(c.learner, TrajectoryLearner) else {}),
+            **({"policy_lag": c.learner.draw.policy_lag} if isinstance(c.learner.draw, QueueDraw) else {}),
         }
 
     def counters(self) -> dict[str, float]:

@@ -19,14 +19,14 @@ from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError, require_memory, with_run_defaults
 from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, actor_state_spec
 from asyncrl.envs import VecEnv, make_env
-from asyncrl.learner import Learner, pick_device
+from asyncrl.learner import Learner, QueueDraw, ReplayDraw, pick_device
 from asyncrl.metrics import Recorder
 from asyncrl.process_actor import ProcessActor, start_fork_server
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
-from asyncrl.rollout import (OnPolicyActor, RolloutQueue, TrajectoryAdder, TrajectoryLearner,
-                             min_queue_capacity)
+from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, min_queue_capacity
 from asyncrl.sequence import SequenceAdder, SequenceReplay
+from asyncrl.staging import Staging
 from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
@@ -42,7 +42,7 @@ class Components:
     store: WeightStore
     recorder: Recorder
     actors: list[Actor | ProcessActor]
-    learner: Learner | TrajectoryLearner
+    learner: Learner
     remote: Any = None  # the Ray backend (actors.backend = "ray"): closed after the actors
 
 
@@ -176,10 +176,10 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     def importance_exponent() -> float:  # annealed linearly to 1 over the run
         return beta0 + (1.0 - beta0) * min(1.0, recorder.env_steps / total) if beta0 else 0.0
 
-    learner = Learner(algo, replay, limiter, store, recorder, device, config.learner.batch_size,
+    draw = ReplayDraw(replay, config.learner.batch_size, importance_exponent, Staging(device), recorder.timer)
+    learner = Learner(algo, limiter, draw, store, recorder, config.learner.batch_size,
                       config.learner.publish_every, config.learner.max_updates_per_call,
-                      importance_exponent, config.learner.max_nonfinite_in_a_row,
-                      config.learner.flush_denormal)
+                      config.learner.max_nonfinite_in_a_row, config.learner.flush_denormal)
     return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner, remote)
 
 
@@ -254,16 +254,16 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
         return TrajectoryAdder(queue, e.num_envs, spec.obs_shape, spec.obs_dtype, spec.action_shape,
                                spec.action_dtype, data.extras)
 
-    learner = TrajectoryLearner(algo, queue, store, recorder, device, batch, publish_every,
-                                config.learner.max_nonfinite_in_a_row, config.learner.flush_denormal)
-    learner.acting_waits = data.wait_for_learner
+    draw = QueueDraw(queue, batch, store, Staging(device), recorder.timer)
+    learner = Learner(algo, queue, draw, store, recorder, batch, publish_every,
+                      config.learner.max_updates_per_call, config.learner.max_nonfinite_in_a_row,
+                      config.learner.flush_denormal, acting_waits=data.wait_for_learner)
     actors: list[Actor | ProcessActor] = []
     remote = None
     if where == "inline":
         for i, env in enumerate(envs):
             actor = OnPolicyActor(env, algo, store, adder(i), recorder, np.random.default_rng([config.train.seed, i]),
-                                  config.actors.pull_every)
-            actor.wait_for_learner = data.wait_for_learner
+                                  config.actors.pull_every, wait_for_learner=data.wait_for_learner)
             if config.train.mode == "serial":
                 actor.learn_now = learner.drain
             actors.append(actor)

@@ -17,12 +17,12 @@ import torch
 
 from algos.dqn import DQN
 from asyncrl.actor import Actor
-import asyncrl.learner as learner_module
+import asyncrl.wiring as wiring_module
 from asyncrl.config import build_config
-from asyncrl.learner import Learner
+from asyncrl.learner import Learner, QueueDraw, ReplayDraw
 from asyncrl.metrics import Recorder
 from asyncrl.replay import Replay
-from asyncrl.rollout import RolloutQueue, TrajectoryLearner
+from asyncrl.rollout import RolloutQueue
 from asyncrl.staging import Staging
 from asyncrl.trainer import Trainer
 
@@ -61,12 +61,13 @@ def learner_on(device: str, replay: Replay, batch_size: int = 8) -> tuple[Learne
         return draws[-1]
 
     replay.sample = recording
-    learner = Learner(None, replay, None, None, Recorder(1 << 30, []), torch.device(device), batch_size,
-                      1, 8, lambda: 0.0)
+    recorder = Recorder(1 << 30, [])
+    draw = ReplayDraw(replay, batch_size, lambda: 0.0, Staging(torch.device(device)), recorder.timer)
+    learner = Learner(None, None, draw, None, recorder, batch_size, 1, 8)
     return learner, draws
 
 
-def trajectory_learner_on(device: str) -> tuple[TrajectoryLearner, dict, dict]:
+def trajectory_learner_on(device: str) -> tuple[Learner, dict, dict]:
     """A trajectory learner onto ``device`` whose queue holds (and has claimed) one batch of 4
     trajectories, and those trajectories' fields and extras."""
     queue = RolloutQueue(8, 5, (3,), np.float32, (), np.int64, {"log_prob": ((), np.dtype(np.float32))})
@@ -79,8 +80,9 @@ def trajectory_learner_on(device: str) -> tuple[TrajectoryLearner, dict, dict]:
     assert queue.try_insert(4)
     queue.put(fields, extras)
     assert queue.try_sample(4)
-    learner = TrajectoryLearner(None, queue, SimpleNamespace(version=0), Recorder(1 << 30, []),
-                                torch.device(device), 4, 1)
+    recorder = Recorder(1 << 30, [])
+    draw = QueueDraw(queue, 4, SimpleNamespace(version=0), Staging(torch.device(device)), recorder.timer)
+    learner = Learner(None, queue, draw, SimpleNamespace(version=0), recorder, 4, 1, 1)
     return learner, fields, extras
 
 
@@ -97,7 +99,7 @@ def test_the_cpu_path_makes_no_copy():
 
     learner, draws = learner_on("cpu", filled_replay())
     (first, _), (second, _) = learner.sample(2)
-    assert learner.staging.allocations == 0
+    assert learner.draw.staging.allocations == 0
     for name in ("obs", "actions", "rewards", "discounts", "next_obs", "weights"):
         array = draws[0][name]
         assert getattr(first, name).data_ptr() == array.ctypes.data, name
@@ -163,8 +165,8 @@ def test_learner_batches_of_consecutive_draws_are_intact():
 
 def test_trajectory_learner_batches_hold_the_trajectories_time_first_on_the_cpu():
     learner, fields, extras = trajectory_learner_on("cpu")
-    batch = learner.sample()
-    assert learner.staging.allocations == 0
+    ((batch, _),) = learner.sample()
+    assert learner.draw.staging.allocations == 0
     for name, array in fields.items():
         np.testing.assert_array_equal(getattr(batch, name).numpy(), array.swapaxes(0, 1) if array.ndim > 1 else array)
     np.testing.assert_array_equal(batch.extras["log_prob"].numpy(), extras["log_prob"].swapaxes(0, 1))
@@ -178,10 +180,10 @@ def test_a_serial_run_through_the_staging_buffers_learns_exactly_what_the_direct
         "train.eval_every=2000", "train.eval_episodes=1", "train.log_every=1000"])
     weights = []
     for staged in (False, True):
-        monkeypatch.setattr(learner_module, "Staging", lambda device: Staging(device, staged=staged))
+        monkeypatch.setattr(wiring_module, "Staging", lambda device: Staging(device, staged=staged))
         trainer = Trainer(config, run_dir=tmp_path / str(staged))
         result = asyncio.run(asyncio.wait_for(trainer.run(), 60))
-        assert result["updates"] > 50 and trainer.c.learner.staging.staged == staged
+        assert result["updates"] > 50 and trainer.c.learner.draw.staging.staged == staged
         weights.append([p.detach().clone() for p in trainer.c.algo.q.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
 
@@ -245,16 +247,16 @@ def test_learners_draw_onto_the_device_through_the_staging_buffers():
     learner, draws = learner_on("cuda", filled_replay())
     hold_the_stream(device)
     batches = learner.sample(2)
-    assert not learner.staging._copied[0].query()  # the draw did not wait for its copies
+    assert not learner.draw.staging._copied[0].query()  # the draw did not wait for its copies
     torch.cuda.synchronize(device)
     for i, (batch, _) in enumerate(batches):
         assert batch.obs.device.type == "cuda"
         np.testing.assert_array_equal(batch.obs.cpu().numpy(), draws[0]["obs"][i * 8:(i + 1) * 8])
-    assert learner.staging.pinned and learner.staging.allocations == 6
+    assert learner.draw.staging.pinned and learner.draw.staging.allocations == 6
 
     trajectories, fields, extras = trajectory_learner_on(device)
-    batch = trajectories.sample()
-    assert trajectories.staging.pinned and batch.obs.device.type == "cuda"
+    ((batch, _),) = trajectories.sample()
+    assert trajectories.draw.staging.pinned and batch.obs.device.type == "cuda"
     np.testing.assert_array_equal(batch.obs.cpu().numpy(), fields["obs"].swapaxes(0, 1))
     np.testing.assert_array_equal(batch.extras["log_prob"].cpu().numpy(), extras["log_prob"].swapaxes(0, 1))
 
@@ -270,7 +272,7 @@ def test_a_cuda_learner_with_inline_actors_trains_dqn(tmp_path):
     assert result["env_steps"] >= 4000 and result["updates"] > 100
     assert isinstance(c.actors[0], Actor)  # inline: with a CUDA learner actors run in the loop's process
     assert all(p.device.type == "cuda" and torch.isfinite(p).all() for p in c.algo.q.parameters())
-    staging = c.learner.staging
+    staging = c.learner.draw.staging
     assert staging.pinned
     # Every draw went through the two sets of staging buffers: a handful of allocations (a set
     # doubles when a larger chunk comes: 1 + log2(16) times at most per field), not one per draw.

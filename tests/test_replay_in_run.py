@@ -106,7 +106,7 @@ def test_importance_exponent_anneals_to_one_and_the_loss_sees_weights_other_than
     betas = seen["betas"]
     assert betas == sorted(betas) and betas[0] >= BETA0
     # Linear in env steps from BETA0 to 1 at the run's budget.
-    assert trainer.c.learner.importance_exponent() == 1.0 and result["env_steps"] >= TOTAL
+    assert trainer.c.learner.draw.importance_exponent() == 1.0 and result["env_steps"] >= TOTAL
     assert betas[-1] == pytest.approx(BETA0 + (1 - BETA0) * min(1, result["env_steps"] / TOTAL), abs=0.05)
     weights = [w for w in seen["weights"]]
     assert all(float(w.max()) == pytest.approx(1.0) for w in weights)
