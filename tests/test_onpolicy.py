@@ -19,7 +19,8 @@ from asyncrl.core import EnvSpec
 from asyncrl.metrics import read_jsonl
 from asyncrl.process_actor import ProcessActor
 from asyncrl.ratelimit import LimiterStopped
-from asyncrl.rollout import OnPolicyActor, TrajectoryLearner
+from asyncrl.learner import Learner
+from asyncrl.rollout import OnPolicyActor
 from asyncrl.trainer import Trainer
 from resume_checks import assert_resumed_from, newest, watch_first_update
 
@@ -163,13 +164,13 @@ def test_stop_releases_an_actor_waiting_for_the_learner(tmp_path, monkeypatch):
     the rollouts and publishes nothing), see every actor waiting, and stop: the run must end."""
     hold = {"on": False, "updates": 0}
     waits = {"waiting": 0, "stopped": 0}
-    update, await_new_weights = TrajectoryLearner._update, OnPolicyActor._await_new_weights
+    update, await_new_weights = Learner._update, OnPolicyActor._await_new_weights
 
-    def held_update(self, batch):
+    def held_update(self, batches):
         if not hold["on"]:
-            return update(self, batch)
+            return update(self, batches)
         hold["updates"] += 1  # took the rollout, published nothing: the actors' wait cannot end
-        return False
+        return None
 
     async def watched_wait(self, queue):
         waits["waiting"] += 1
@@ -181,7 +182,7 @@ def test_stop_releases_an_actor_waiting_for_the_learner(tmp_path, monkeypatch):
         finally:
             waits["waiting"] -= 1
 
-    monkeypatch.setattr(TrajectoryLearner, "_update", held_update)
+    monkeypatch.setattr(Learner, "_update", held_update)
     monkeypatch.setattr(OnPolicyActor, "_await_new_weights", watched_wait)
     trainer = Trainer(ppo("train.total_env_steps=10_000_000"), run_dir=tmp_path)
 
