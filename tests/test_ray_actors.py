@@ -24,8 +24,10 @@ import ray._private.state as ray_state  # noqa: E402  # the GCS actor table; the
 
 from algos.dqn import DQN  # noqa: E402
 from algos.impala import IMPALA  # noqa: E402
+from asyncrl import ray_actor  # noqa: E402
 from asyncrl.config import build_config  # noqa: E402
 from asyncrl.core import split_actions  # noqa: E402
+from asyncrl.faults import RunError  # noqa: E402
 from asyncrl.metrics import Recorder, read_jsonl  # noqa: E402
 from asyncrl.ray_actor import RayActor  # noqa: E402
 from asyncrl.trainer import Trainer, build  # noqa: E402
@@ -237,3 +239,84 @@ def test_impala_learns_cartpole_with_remote_actors(connected, tmp_path):
     assert any("queues/policy_lag" in r for r in rows)  # trajectories carry the acting version
     assert all(a.weight_version > 1 for a in trainer.c.actors)
     assert live_actors() == []
+
+
+FAST = [*REMOTE, "train.eval_every=1000000", "train.eval_episodes=1", "replay.min_size_to_sample=500",
+        "actors.ray.max_restarts=0"]
+
+
+async def kill_when_acting(trainer: Trainer, index: int) -> int:
+    """SIGKILL remote actor ``index`` once every actor runs and the run has made some steps."""
+    await until(lambda: trainer.recorder is not None and trainer.recorder.env_steps >= 1000
+                and all(a.pid for a in trainer.c.actors), 60)
+    pid = trainer.c.actors[index].pid
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_an_actor_that_dies_more_often_than_max_restarts_is_lost_in_one_line_and_the_rest_go_on(
+        connected, tmp_path, caplog):
+    cfg = build_config(DQN.preset, overrides=[*FAST, "actors.num_actors=2", "train.total_env_steps=6000"])
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    seen = {}
+
+    async def main():
+        task = asyncio.create_task(trainer.run())
+        await kill_when_acting(trainer, 0)
+        seen.update(steps=trainer.recorder.env_steps, calls=trainer.c.actors[1].calls_done)
+        return await asyncio.wait_for(task, 60)
+
+    result = asyncio.run(main())
+    lost, other = trainer.c.actors
+    assert lost.restarts == 1 and other.restarts == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(
+        "remote actor 0 is lost after 0 restarts (actors.ray.max_restarts = 0)"), errors
+    assert "\n" not in errors[0]
+    # The other actor alone took the run to its budget.
+    assert result["env_steps"] >= 6000 > seen["steps"] and other.calls_done > seen["calls"]
+    assert live_actors() == []
+
+
+def test_when_every_remote_actor_is_lost_the_run_ends_with_one_line(connected, tmp_path):
+    cfg = build_config(DQN.preset, overrides=[*FAST, "actors.num_actors=1", "train.total_env_steps=10_000_000"])
+    trainer = Trainer(cfg, run_dir=tmp_path)
+
+    async def main():
+        task = asyncio.create_task(trainer.run())
+        await kill_when_acting(trainer, 0)
+        return await asyncio.wait_for(task, 60)
+
+    with pytest.raises(RunError, match=r"^every remote actor is lost \(actors.ray.max_restarts = 0\)") as caught:
+        asyncio.run(main())
+    assert "\n" not in str(caught.value)
+    assert trainer.recorder.env_steps < 10_000_000
+    assert live_actors() == []
+
+
+def test_an_actor_whose_constructor_raises_fails_the_run_in_one_line(connected, tmp_path, monkeypatch):
+    class NoStart:  # defined here, so Ray ships it by value to the worker
+        def __init__(self, *args):
+            raise RuntimeError("no simulator licence on this node")
+
+        def where(self):
+            return {}
+
+    monkeypatch.setattr(ray_actor, "RemoteActor", NoStart)
+    cfg = build_config(DQN.preset, overrides=[*REMOTE, "actors.num_actors=1", "train.total_env_steps=2000"])
+    with pytest.raises(RunError, match=r"^remote actor 0 could not start: .*no simulator licence on this node") as caught:
+        asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=tmp_path).run(), 60))
+    assert "\n" not in str(caught.value)
+    assert live_actors() == []
+
+
+def test_an_actor_no_node_can_place_fails_the_run_after_start_timeout(connected, tmp_path):
+    # Two nodes offer worker = 2 each: 3 is in the cluster's total (so the check at the start,
+    # which reads totals, passes it) but on no node, and the actor waits to be placed.
+    cfg = build_config(DQN.preset, overrides=[*FAST, "actors.ray.resources={worker=3}",
+                                              "actors.ray.start_timeout_s=3", "train.total_env_steps=10_000_000"])
+    with pytest.raises(RunError, match=r"^remote actor 0 did not start within 3 s \(actors.ray.start_timeout_s\)") as caught:
+        asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=tmp_path).run(), 60))
+    assert "\n" not in str(caught.value)
+    asyncio.run(until(lambda: live_actors() == [], 15))
+
