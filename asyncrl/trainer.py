@@ -135,7 +135,9 @@ class Trainer:
                     log.error("%s", exc)
                 raise
             except BaseExceptionGroup as group:  # a task's one-line error, not wrapped in a group
-                if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (RunError, ConfigError)):
+                # Several tasks may fail at once (every actor's worker at one timeout): the
+                # first one's line tells it.
+                if all(isinstance(exc, (RunError, ConfigError)) for exc in group.exceptions):
                     raise group.exceptions[0] from None
                 raise
             await self._off_loop(self._finish_sync)
