@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from asyncrl.adders import NStepAdder
-from asyncrl.core import Algorithm, StateSpec, acting_copy, actor_state_spec
+from asyncrl.acting import Acted, EnvStates, PolicyStep  # noqa: F401 (EnvStates: its old home)
+from asyncrl.adders import Adder
+from asyncrl.core import Algorithm
 from asyncrl.envs import Step, VecEnv
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
@@ -21,40 +23,6 @@ from asyncrl.weights import WeightStore
 log = logging.getLogger("asyncrl")
 
 
-class EnvStates:
-    """Each env's actor state (e.g. an LSTM's h and c) as an algorithm declares it: zeros at an
-    episode's first observation, then whatever the policy returned at the env's previous step."""
-
-    def __init__(self, spec: StateSpec, num_envs: int):
-        self._arrays = {name: np.zeros((num_envs, *shape), dtype) for name, (shape, dtype) in spec.items()}
-
-    def reset(self, env_ids) -> None:
-        for array in self._arrays.values():
-            array[env_ids] = 0
-
-    def get(self, env_ids) -> dict[str, np.ndarray]:
-        return {name: array[env_ids] for name, array in self._arrays.items()}
-
-    def set(self, env_ids, state: dict[str, torch.Tensor | np.ndarray]) -> None:
-        for name, array in self._arrays.items():
-            value = state[name]
-            array[env_ids] = value.numpy() if isinstance(value, torch.Tensor) else value
-
-
-def act_with_state(algo: Algorithm, network: torch.nn.Module, obs: np.ndarray, env_steps: int,
-                   rng: np.random.Generator, states: EnvStates, env_ids: np.ndarray,
-                   starts: np.ndarray, greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A recurrent policy's actions for these envs: their states (zeroed where ``starts``, an
-    episode's first observation) go in, the next ones are kept. Returns the actions and the
-    states the actions were chosen with."""
-    states.reset(env_ids[starts])
-    state = states.get(env_ids)
-    actions, next_state = algo.act(network, torch.from_numpy(obs), env_steps, rng, greedy=greedy,
-                                   state={k: torch.from_numpy(v) for k, v in state.items()})
-    states.set(env_ids, next_state)
-    return actions, state
-
-
 class ActorBase:
     """What the loop's process does with each finished batch, wherever the actor runs."""
 
@@ -62,7 +30,7 @@ class ActorBase:
     nonfinite: str = "stop"
     env_id: str = "env"
 
-    def __init__(self, num_envs: int, store: WeightStore, adder: NStepAdder, recorder: Recorder):
+    def __init__(self, num_envs: int, store: WeightStore, adder: Adder, recorder: Recorder):
         self.store, self.adder, self.recorder = store, adder, recorder
         self.weight_version = 0
         self.nonfinite_steps = 0  # steps whose inf or nan became 0 (env.nonfinite = "zero")
@@ -112,27 +80,41 @@ class ActorBase:
         if float_obs:  # a new array: the batch may be a worker's shared memory or EnvPool's
             step.obs = np.nan_to_num(step.obs, nan=0.0, posinf=0.0, neginf=0.0)
 
+    # --- the insert handshake: room under the gate, observe, act (here or elsewhere), record ---
+
+    async def admit(self, limiter: RateLimiter, env_ids: np.ndarray) -> int:
+        """Wait until the gate (the rate limiter or the rollout queue) has room for what
+        :meth:`observe` will insert for this batch, and reserve it; returns how much."""
+        pending = self.adder.pending(env_ids)
+        if pending:
+            await limiter.await_insert(pending)
+        return pending
+
+    def admit_now(self, limiter: RateLimiter, env_ids: np.ndarray, learn: Callable[[], bool]) -> None:
+        """:meth:`admit` in one task (serial mode): while the gate refuses, ``learn`` one update
+        (False when the gate refuses that too: it would wait for ever)."""
+        pending = self.adder.pending(env_ids)
+        while pending and not limiter.try_insert(pending):
+            if not learn():
+                raise RuntimeError("rate limiter refuses both insert and sample")
+
+    def record(self, env_ids: np.ndarray, acted: Acted) -> None:
+        """The actions chosen for an observed batch (after :meth:`observe`), into the adder."""
+        self.weight_version = acted.weight_version
+        self.adder.record_actions(env_ids, acted)
+
     async def ingest(self, limiter: RateLimiter, step: Step, actions: np.ndarray,
                      extras: dict[str, np.ndarray] | None, version: int,
                      state: dict[str, np.ndarray] | None = None) -> None:
         """A batch acted on elsewhere (a worker process, a remote actor) with the weights of
         ``version``: wait for room under the limiter, take it in, record the actions that were
-        sent. ``extras`` (what the policy returned beside the actions) goes to a trajectory
-        adder with the version; ``state`` (the recurrent state each action was chosen with) to
-        a sequence adder; neither to an n-step adder."""
+        sent with what the policy returned beside them (``extras``) and the recurrent state
+        each action was chosen with (``state``)."""
         t0 = time.perf_counter()
-        pending = self.adder.pending(step.env_ids)
-        if pending:
-            await limiter.await_insert(pending)
+        await self.admit(limiter, step.env_ids)
         t1 = time.perf_counter()
         self.observe(step)
-        self.weight_version = version
-        if extras is not None:
-            self.adder.record_actions(step.env_ids, actions, extras, version)
-        elif state is not None:
-            self.adder.record_actions(step.env_ids, actions, state=state)
-        else:
-            self.adder.record_actions(step.env_ids, actions)
+        self.record(step.env_ids, Acted(actions, extras or {}, state or {}, version))
         timer = self.recorder.timer
         timer.add("insert_wait", t1 - t0)
         timer.add("insert", time.perf_counter() - t1)
@@ -144,47 +126,52 @@ class ActorBase:
 class Actor(ActorBase):
     """An inline actor: EnvPool's C++ threads step the envs, inference runs in the loop."""
 
-    def __init__(self, env: VecEnv, algo: Algorithm, store: WeightStore, adder: NStepAdder,
+    def __init__(self, env: VecEnv, algo: Algorithm, store: WeightStore, adder: Adder,
                  recorder: Recorder, rng: np.random.Generator, pull_every: int):
         super().__init__(env.num_envs, store, adder, recorder)
-        self.env, self.algo, self.rng, self.pull_every = env, algo, rng, pull_every
-        self.network = acting_copy(algo)
-        self._batches = 0
-        spec = actor_state_spec(algo)
-        self.states = EnvStates(spec, env.num_envs) if spec else None
+        self.env, self.algo, self.pull_every = env, algo, pull_every
+        self.policy = PolicyStep(algo, env.num_envs, rng, store=store, pull_every=pull_every)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.policy.rng
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.policy.network
 
     def act_batch(self, step: Step) -> np.ndarray:
-        """Everything an actor does with one received batch; returns the actions to send."""
-        timer = self.recorder.timer
+        """Everything an actor does with one received batch (room under the gate reserved);
+        returns the actions to send."""
         t0 = time.perf_counter()
-        starts = self._after_end[step.env_ids]  # a copy: observations that begin an episode
         self.observe(step)
         t1 = time.perf_counter()
-        if self._batches % self.pull_every == 0:
-            version = self.store.pull(self.network, self.weight_version)
-            if version is not None:
-                self.weight_version = version
-        self._batches += 1
-        with torch.inference_mode():  # ~30% less per-op overhead than no_grad for small nets
-            if self.states is None:
-                actions = self.algo.act(self.network, torch.from_numpy(step.obs), self.recorder.env_steps, self.rng)
-                self.adder.record_actions(step.env_ids, actions)
-            else:
-                actions, state = act_with_state(self.algo, self.network, step.obs, self.recorder.env_steps,
-                                                self.rng, self.states, step.env_ids, starts)
-                self.adder.record_actions(step.env_ids, actions, state=state)
-        t2 = time.perf_counter()
-        timer.add("insert", t1 - t0)
-        timer.add("inference", t2 - t1)
+        actions = self._act(step)
+        self.recorder.timer.add("insert", t1 - t0)
         return actions
+
+    def _act(self, step: Step) -> np.ndarray:
+        """Act on an observed batch and record the actions; the env steps count this batch."""
+        t0 = time.perf_counter()
+        acted = self.policy.act(step.obs, step.env_ids, self.recorder.env_steps, step.terminated, step.truncated)
+        self.record(step.env_ids, acted)
+        self.recorder.timer.add("inference", time.perf_counter() - t0)
+        return acted.actions
+
+    def step_now(self, limiter: RateLimiter, learn: Callable[[], bool]) -> None:
+        """One batch in one task (serial mode): receive, room under the gate (``learn`` makes
+        some, see :meth:`admit_now`), observe, act, send."""
+        step = self.env.recv()
+        self.admit_now(limiter, step.env_ids, learn)
+        self.env.send(self.act_batch(step), step.env_ids)
 
     def rng_state(self) -> dict:
         """The exploration RNG's state as plain (JSON-able) data, for a checkpoint; every actor
         kind has this pair, so that any placement resumes any other's checkpoint."""
-        return self.rng.bit_generator.state
+        return self.policy.rng_state()
 
     def set_rng_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        self.policy.set_rng_state(state)
 
     async def run(self, limiter: RateLimiter, on_steps) -> None:
         """The async-mode loop; ``on_steps`` is the trainer's hook for step-count triggers and
@@ -196,9 +183,7 @@ class Actor(ActorBase):
                 t0 = time.perf_counter()
                 step = await self.env.arecv()
                 t1 = time.perf_counter()
-                pending = self.adder.pending(step.env_ids)
-                if pending:
-                    await limiter.await_insert(pending)
+                await self.admit(limiter, step.env_ids)
                 t2 = time.perf_counter()
                 self.env.send(self.act_batch(step), step.env_ids)
                 timer.add("env_wait", t1 - t0)

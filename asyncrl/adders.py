@@ -1,10 +1,40 @@
-"""Turns the steps a vector env returns into replay slots, one stream per env."""
+"""The adder interface (:class:`Adder`), and the n-step adder that turns the steps a vector env
+returns into replay slots, one stream per env."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from asyncrl.replay import Replay
+
+if TYPE_CHECKING:
+    from asyncrl.acting import Acted
+
+
+class Adder(Protocol):
+    """What an actor's batches go into, one env stream each (n-step transitions, sequences or
+    trajectories). Per batch, the insert handshake: reserve room under the gate for
+    :meth:`pending` items, :meth:`observe` what the env returned, then :meth:`record_actions`
+    for the actions sent back. Envs may come in any subset and order (EnvPool's async mode)."""
+
+    def pending(self, env_ids) -> int:
+        """How many items :meth:`observe` will insert for this batch."""
+        ...
+
+    def observe(self, env_ids, obs, rewards, terminated, truncated) -> int:
+        """Take in what the envs returned; returns the number of items inserted."""
+        ...
+
+    def record_actions(self, env_ids, acted: Acted) -> None:
+        """What the policy step chose at these envs' latest observations; each adder keeps the
+        parts its data holds (the actions; the extras and weight version; the state)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every env's partial data (the envs were reset)."""
+        ...
 
 
 class NStepAdder:
@@ -64,13 +94,13 @@ class NStepAdder:
         """What a subclass stores beside each step (keyword arguments of ``replay.insert``)."""
         return {}
 
-    def record_actions(self, env_ids, actions) -> None:
+    def record_actions(self, env_ids, acted: Acted) -> None:
         """The actions sent for these envs' latest observations."""
         env_ids = np.asarray(env_ids, np.int64)
         if not self._has_prev[env_ids].all():
             raise RuntimeError(
                 "record_actions() for an env with no observation: call observe() first")
-        self._prev_actions[env_ids] = actions
+        self._prev_actions[env_ids] = acted.actions
         self._has_action[env_ids] = True
 
     def reset(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from asyncrl.actor import EnvStates, act_with_state
-from asyncrl.core import Algorithm, actor_state_spec, split_actions
+from asyncrl.acting import PolicyStep
+from asyncrl.core import Algorithm
 from asyncrl.envs import VecEnv
 
 
@@ -16,9 +16,7 @@ def evaluate(env: VecEnv, algo: Algorithm, network: torch.nn.Module, rng: np.ran
     n = env.num_envs
     returns = np.zeros(n, np.float64)
     finished = np.zeros(n, bool)
-    spec = actor_state_spec(algo)
-    states = EnvStates(spec, n) if spec else None
-    starts = np.ones(n, bool)  # every env's next observation begins an episode
+    policy = PolicyStep(algo, n, rng, greedy=True, network=network)
     env.async_reset()
     for _ in range(max_steps):
         step = env.recv()
@@ -27,11 +25,5 @@ def evaluate(env: VecEnv, algo: Algorithm, network: torch.nn.Module, rng: np.ran
         finished[ids] |= step.terminated | step.truncated
         if finished.all():
             return returns.tolist()  # the pool is reset again at the next evaluation
-        with torch.inference_mode():
-            if states is None:
-                actions, _ = split_actions(algo.act(network, torch.from_numpy(step.obs), 0, rng, greedy=True))
-            else:
-                actions, _ = act_with_state(algo, network, step.obs, 0, rng, states, ids, starts[ids], greedy=True)
-                starts[ids] = step.terminated | step.truncated
-        env.send(actions, ids)
+        env.send(policy.act(step.obs, ids, 0, step.terminated, step.truncated).actions, ids)
     raise RuntimeError(f"evaluation did not finish {n} episodes within {max_steps} steps")

@@ -16,8 +16,8 @@ from asyncrl import checkpoint as ckpt
 from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
 from asyncrl.config import Config, ConfigError, read_file, validate
-from asyncrl.actor import EnvStates, act_with_state
-from asyncrl.core import Algorithm, EnvSpec, acting_copy, actor_state_spec
+from asyncrl.acting import PolicyStep
+from asyncrl.core import Algorithm, EnvSpec, acting_copy
 from asyncrl.weights import WeightStore
 
 
@@ -50,14 +50,20 @@ class Policy:
     """
 
     def __init__(self, algo: Algorithm, network: torch.nn.Module, spec: EnvSpec, version: int = 0,
-                 env_steps: int | None = None):
+                 env_steps: int | None = None, store: WeightStore | None = None):
         self.algo, self.network, self.spec = algo, network.eval(), spec
         self.version = version  # weight version the network holds
         self.env_steps = env_steps  # env steps of the checkpoint it was loaded from (loaded policies)
-        self._rng = np.random.default_rng(0)  # greedy acting draws nothing; the protocol wants one
+        self._weights = store  # where a live policy's newer weights come from; None: they never change
         self._lock = threading.Lock()
-        self._states: EnvStates | None = None  # recurrent policies only
-        self._batch = 0
+        self._rows = 0  # a recurrent policy's batch size: its state has one row each
+        self._step = self._policy_step(1)
+
+    def _policy_step(self, rows: int) -> PolicyStep:
+        # Greedy acting draws nothing; the protocol wants an RNG all the same. Every call looks
+        # for newer weights (a version check when there are none).
+        return PolicyStep(self.algo, rows, np.random.default_rng(0), store=self._weights, greedy=True,
+                          network=self.network, version=self.version)
 
     def __call__(self, obs: Any) -> np.ndarray:
         obs = np.asarray(obs, dtype=self.spec.obs_dtype)
@@ -65,29 +71,21 @@ class Policy:
         if not single and obs.shape[1:] != self.spec.obs_shape:
             raise ValueError(f"observation of shape {obs.shape}; {self.spec.env_id} expects "
                              f"{self.spec.obs_shape} or a batch of them")
-        batch = torch.from_numpy(obs[None] if single else obs)
+        batch = obs[None] if single else obs
         with self._lock:
-            self._refresh()
-            spec = actor_state_spec(self.algo)
-            with torch.inference_mode():
-                if spec:  # a recurrent policy: one state per row, carried from call to call
-                    if self._states is None or self._batch != len(batch):
-                        self._states, self._batch = EnvStates(spec, len(batch)), len(batch)
-                    rows = np.arange(len(batch))  # a fresh state is zeros already: no row restarts
-                    actions, _ = act_with_state(self.algo, self.network, batch.numpy(), 0, self._rng,
-                                                self._states, rows, np.zeros(len(batch), bool), greedy=True)
-                else:
-                    actions = self.algo.act(self.network, batch, 0, self._rng, greedy=True)
-        return actions[0] if single else actions
+            rows = len(batch)
+            if self._step.states is not None and self._rows != rows:
+                self._step, self._rows = self._policy_step(rows), rows
+            # No row ever ends an episode here: the caller says so with reset().
+            acted = self._step.act(batch, np.arange(rows), 0)
+            self.version = acted.weight_version
+        return acted.actions[0] if single else acted.actions
 
     def reset(self) -> None:
         """A recurrent policy forgets its state: call it when a new episode begins (a call with
         another batch size starts afresh too). Feed-forward policies hold no state."""
         with self._lock:
-            self._states = None
-
-    def _refresh(self) -> None:
-        """Loaded policies never change."""
+            self._rows = 0
 
 
 class LivePolicy(Policy):
@@ -117,13 +115,8 @@ class LivePolicy(Policy):
                 raise RuntimeError("the trainer has not built its networks yet: "
                                    "call the policy once run() has started")
             algo, spec, store = parts
-            super().__init__(algo, acting_copy(algo), spec, version=-1)
+            super().__init__(algo, acting_copy(algo), spec, version=-1, store=store)
             self._store = store  # last: other threads take it as "bound"
-
-    def _refresh(self) -> None:
-        version = self._store.pull(self.network, self.version)
-        if version is not None:
-            self.version = version
 
 
 def load_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> Policy:

@@ -33,14 +33,15 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from asyncrl.actor import ActorBase, EnvStates, act_with_state
-from asyncrl.adders import NStepAdder
-from asyncrl.core import EnvSpec, StateSpec, acting_copy, actor_state_spec, split_actions
+from asyncrl.acting import Acted, PolicyStep
+from asyncrl.actor import ActorBase
+from asyncrl.adders import Adder
+from asyncrl.core import EnvSpec, StateSpec
 from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
-from asyncrl.weights import PublishTimeout, WeightStore
+from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
 
@@ -123,22 +124,21 @@ class _Slabs:
         return {name: tensor.numpy() for name, tensor in vars(self).items()}
 
 
-def write_batch(views: dict[str, np.ndarray], slot: int, step: Step, actions: np.ndarray,
-                extras: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> int:
+def write_batch(views: dict[str, np.ndarray], slot: int, step: Step, acted: Acted) -> int:
     """Write one batch into slot ``slot`` of ``views`` (arrays named as :class:`_Slabs`'s, a slot
-    per leading index): what the env returned, the actions chosen, their ``extras`` and the actor
-    ``state`` each saw, then the batch's size, last. Returns the size. Process actors write their
-    shared-memory slabs with it, Ray actors the arrays a call returns."""
+    per leading index): what the env returned, the actions chosen with their extras and the
+    actor state each saw, then the batch's size, last. Returns the size. Process actors write
+    their shared-memory slabs with it, Ray actors the arrays a call returns."""
     n = len(step.env_ids)
     views["obs"][slot, :n] = step.obs
     views["rewards"][slot, :n] = step.rewards
     views["terminated"][slot, :n] = step.terminated
     views["truncated"][slot, :n] = step.truncated
     views["env_ids"][slot, :n] = step.env_ids
-    views["actions"][slot, :n] = actions
-    for name, value in extras.items():
+    views["actions"][slot, :n] = acted.actions
+    for name, value in acted.extras.items():
         views[f"extra_{name}"][slot, :n] = value
-    for name, value in (state or {}).items():
+    for name, value in acted.state.items():
         views[f"state_{name}"][slot, :n] = value
     views["sizes"][slot] = n
     return n
@@ -164,21 +164,18 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
         env = make_env(**make_env_args)
         cls = registry.get(algo_name)
         algo = cls(env.spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
-        network = acting_copy(algo)
-        state_spec = actor_state_spec(algo)
-        states = EnvStates(state_spec, env.num_envs) if state_spec else None
-        after_end = np.ones(env.num_envs, bool)  # an env's next observation begins an episode
-        rng = np.random.default_rng([seed, index])
+        policy = PolicyStep(algo, env.num_envs, np.random.default_rng([seed, index]), store=store,
+                            pull_every=pull_every, pull_timeout=_PARENT_CHECK_S,
+                            on_stuck_publish=lambda: _check_parent(parent))
         views, ctl = slabs.views(), control.numpy()
         free = list(range(len(views["sizes"])))
-        version, batches = 0, 0
         # Made ready (env, network) while the loop starts; act only once it says so, with the
         # RNG state it may send and its env-step count in the control tensor.
         start = conn.recv_bytes()
         if struct.unpack_from("<i", start)[0] != _START:
             return
         if len(start) > 4:
-            rng.bit_generator.state = unpack_rng_state(np.frombuffer(start, np.int64, offset=4))
+            policy.set_rng_state(unpack_rng_state(np.frombuffer(start, np.int64, offset=4)))
         env.async_reset()
         while not ctl[_STOPPING]:
             t0 = time.perf_counter()
@@ -193,25 +190,13 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
                 elif ctl[_STOPPING]:
                     return
             t2 = time.perf_counter()
-            if batches % pull_every == 0:
-                version = _pull(store, network, version, parent)
-            batches += 1
-            state: dict[str, np.ndarray] = {}
-            with torch.inference_mode():  # ~30% less per-op overhead than no_grad for small nets
-                if states is None:
-                    actions, extras = split_actions(
-                        algo.act(network, torch.from_numpy(step.obs), int(ctl[_ENV_STEPS]), rng))
-                else:
-                    actions, state = act_with_state(algo, network, step.obs, int(ctl[_ENV_STEPS]), rng,
-                                                    states, step.env_ids, after_end[step.env_ids])
-                    extras = {}
-                    after_end[step.env_ids] = step.terminated | step.truncated
-            env.send(actions, step.env_ids)  # the envs step while the slot is written
+            acted = policy.act(step.obs, step.env_ids, int(ctl[_ENV_STEPS]), step.terminated, step.truncated)
+            env.send(acted.actions, step.env_ids)  # the envs step while the slot is written
             t3 = time.perf_counter()
             slot = free.pop()
-            write_batch(views, slot, step, actions, extras, state)
-            views["rng"][slot] = pack_rng_state(rng.bit_generator.state)
-            conn.send_bytes(_READY.pack(slot, version, t1 - t0, t3 - t2, t2 - t1))
+            write_batch(views, slot, step, acted)
+            views["rng"][slot] = pack_rng_state(policy.rng_state())
+            conn.send_bytes(_READY.pack(slot, acted.weight_version, t1 - t0, t3 - t2, t2 - t1))
     except (EOFError, BrokenPipeError, ConnectionResetError, _ParentGone):
         pass  # the parent is gone (or closed our pipe): nobody is left to hand batches to
     finally:
@@ -219,15 +204,11 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
             env.close()
 
 
-def _pull(store: WeightStore, network: torch.nn.Module, version: int, parent) -> int:
-    """The latest weights into ``network``; waits out a publish in progress for as long as the
-    parent lives (a parent killed mid-publish leaves it in progress for good)."""
-    while True:
-        try:
-            return store.pull(network, version, timeout=_PARENT_CHECK_S) or version
-        except PublishTimeout:
-            if parent is not None and not parent.is_alive():
-                raise _ParentGone from None
+def _check_parent(parent) -> None:
+    """Give up a pull that waits out a publish in progress once the parent is gone (a parent
+    killed mid-publish leaves it in progress for good); while it lives, the pull waits on."""
+    if parent is not None and not parent.is_alive():
+        raise _ParentGone
 
 
 def _context():
@@ -260,7 +241,7 @@ class ProcessActor(ActorBase):
     """The loop's side of a process actor: starts and owns the worker, ingests its slots."""
 
     def __init__(self, index: int, spec: EnvSpec, make_env_args: dict[str, Any], algo_name: str,
-                 algo_params: dict[str, Any], store: WeightStore, adder: NStepAdder,
+                 algo_params: dict[str, Any], store: WeightStore, adder: Adder,
                  recorder: Recorder, seed: int, pull_every: int, slots: int = 4,
                  extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
                  state_spec: StateSpec | None = None):

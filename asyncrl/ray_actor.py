@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyncrl.acting import PolicyStep
 from asyncrl.actor import ActorBase
 from asyncrl.config import ConfigError, RayConfig
-from asyncrl.core import EnvSpec, acting_copy, split_actions
+from asyncrl.core import EnvSpec
 from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
@@ -77,10 +78,7 @@ class RemoteActor:
         spec = self.env.spec
         cls = registry.get(algo_name)
         self.algo = cls(spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
-        self.network = acting_copy(self.algo)
-        self.params = [p.detach() for p in self.network.parameters()]
-        self.rng = np.random.default_rng([seed, index])
-        self.version = 0
+        self.policy = PolicyStep(self.algo, self.env.num_envs, np.random.default_rng([seed, index]))
         k, b = batches_per_call, make_env_args.get("batch_size") or make_env_args["num_envs"]
         # Reused across calls: Ray serialises a call's result before the next call runs.
         self.out: dict[str, np.ndarray] = {
@@ -94,7 +92,7 @@ class RemoteActor:
             "versions": np.zeros(k, np.int64),
             # seconds in env wait, in inference; weight objects fetched in this call
             "timing": np.zeros(3, np.float64),
-            "rng": pack_rng_state(self.rng.bit_generator.state),  # the RNG after the call
+            "rng": pack_rng_state(self.policy.rng_state()),  # the RNG after the call
         }
         for name, (shape, dtype) in (extras or {}).items():
             self.out[f"extra_{name}"] = np.zeros((k, b, *shape), np.dtype(dtype))
@@ -110,34 +108,29 @@ class RemoteActor:
         """Step ``batches_per_call`` batches with the latest weights; ``weights`` holds the
         version's object ref (in a list, so that Ray passes the ref and not the object).
         ``rng``: a packed RNG state to act from (a resumed run's first call)."""
-        out, fetched = self.out, 0
+        out, fetched, policy = self.out, 0, self.policy
         if rng is not None:
-            self.rng.bit_generator.state = unpack_rng_state(rng)
-        if pull and version > self.version:
+            policy.set_rng_state(unpack_rng_state(rng))
+        if pull and version > policy.version:
             import ray
 
-            flat = torch.tensor(ray.get(weights[0]))  # the object store's copy is read-only
-            offset = 0
-            for param in self.params:
-                param.copy_(flat[offset : offset + param.numel()].view_as(param))
-                offset += param.numel()
-            self.version, fetched = version, 1
+            # The object store's copy is read-only: the network gets a copy of its own.
+            policy.load_flat(torch.tensor(ray.get(weights[0])), version)
+            fetched = 1
         env_wait = inference = 0.0
         for k in range(len(out["sizes"])):
             t0 = time.perf_counter()
             step = self.env.recv()
             t1 = time.perf_counter()
-            with torch.inference_mode():
-                actions, extras = split_actions(
-                    self.algo.act(self.network, torch.from_numpy(step.obs), env_steps, self.rng))
-            self.env.send(actions, step.env_ids)
+            acted = policy.act(step.obs, step.env_ids, env_steps, step.terminated, step.truncated)
+            self.env.send(acted.actions, step.env_ids)
             t2 = time.perf_counter()
-            write_batch(out, k, step, actions, extras)
-            out["versions"][k] = self.version
+            write_batch(out, k, step, acted)
+            out["versions"][k] = acted.weight_version
             env_wait += t1 - t0
             inference += t2 - t1
         out["timing"][:] = (env_wait, inference, fetched)
-        out["rng"][:] = pack_rng_state(self.rng.bit_generator.state)
+        out["rng"][:] = pack_rng_state(policy.rng_state())
         return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncrl.acting import Acted
 from asyncrl.adders import NStepAdder
 from asyncrl.core import StateSpec
 from asyncrl.sumtree import SumTree
@@ -276,12 +277,16 @@ class SequenceAdder(NStepAdder):
     def _insert_extras(self, ids: np.ndarray) -> dict[str, Any]:
         return {"state": {name: array[ids] for name, array in self._prev_state.items()}}
 
-    def record_actions(self, env_ids, actions, state: dict[str, np.ndarray] | None = None) -> None:
-        """The actions sent for these envs' latest observations, and the actor state at them."""
-        if state is None and self._prev_state:
+    def record_actions(self, env_ids, acted: Acted, state: dict[str, np.ndarray] | None = None) -> None:
+        """The actions sent for these envs' latest observations, and the actor state at them.
+        (Plain actions with ``state=`` is the spelling from before :class:`Acted`, kept for
+        tests/test_sequence.py until it moves to the interface.)"""
+        if not isinstance(acted, Acted):
+            acted = Acted(np.asarray(acted), {}, state or {}, 0)
+        if not acted.state and self._prev_state:
             raise RuntimeError("record_actions() without the actor state: a sequence replay "
                                "stores it with every step")
-        super().record_actions(env_ids, actions)
+        super().record_actions(env_ids, acted)
         ids = np.asarray(env_ids, np.int64)
         for name, array in self._prev_state.items():
-            array[ids] = state[name]
+            array[ids] = acted.state[name]

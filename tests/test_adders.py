@@ -2,10 +2,16 @@ import envpool
 import numpy as np
 import pytest
 
+from asyncrl.acting import Acted
 from asyncrl.adders import NStepAdder
 from asyncrl.replay import Replay
 
 N_STEP, GAMMA = 3, 0.9
+
+
+def acted(actions) -> Acted:
+    """What a policy step hands an n-step adder: the actions (nothing else is stored)."""
+    return Acted(np.asarray(actions), {}, {}, 0)
 
 
 def expected_transition(truth, env_id, step):
@@ -42,7 +48,7 @@ def test_transitions_match_what_envpool_returned():
         pending = adder.pending(ids)
         assert adder.observe(ids, obs, rewards, terminated, truncated) == pending
         actions = rng.integers(0, 2, len(ids))
-        adder.record_actions(ids, actions)
+        adder.record_actions(ids, acted(actions))
         env.send(actions, ids)
         for i, env_id in enumerate(ids):
             truth[env_id, steps[env_id]] = (obs[i].copy(), rewards[i], terminated[i],
@@ -110,7 +116,7 @@ def test_hand_made_sequence_in_any_env_order():
         inserted.append(adder.observe(ids, np.array(obs, np.float32)[:, None], rewards,
                                       terminated, truncated))
         assert inserted[-1] == pending
-        adder.record_actions(ids, actions)
+        adder.record_actions(ids, acted(actions))
     assert inserted == [0, 1, 1, 2, 1, 1]
     assert replay.head.tolist() == [0, 4, 2]
     assert slots(replay, 1) == [
@@ -129,12 +135,12 @@ def test_reset_cuts_the_streams():
     replay, adder = hand_adder(n_step=2)
     for t in range(5):
         adder.observe([0], [[t]], [1.0], [False], [False])
-        adder.record_actions([0], [t])
+        adder.record_actions([0], acted([t]))
     adder.reset()  # obs 4 was never answered: step 3 must not lead into the next episode
     assert adder.pending([0]) == 0
     for t in range(100, 104):
         assert adder.observe([0], [[t]], [1.0], [False], [False]) == (t > 100)
-        adder.record_actions([0], [t])
+        adder.record_actions([0], acted([t]))
     assert replay.applied[1, :replay.head[1]].tolist() == [True] * 3 + [False] + [True] * 3
     batch = replay.sample(64)
     obs, next_obs = batch["obs"][:, 0], batch["next_obs"][:, 0]
@@ -145,7 +151,7 @@ def test_reset_cuts_the_streams():
 def test_out_of_order_calls_raise():
     _, adder = hand_adder()
     with pytest.raises(RuntimeError, match="observe"):
-        adder.record_actions([0], [1])
+        adder.record_actions([0], acted([1]))
     adder.observe([0], [[0]], [0.0], [False], [False])
     with pytest.raises(RuntimeError, match="record_actions"):
         adder.observe([0], [[1]], [0.0], [False], [False])
