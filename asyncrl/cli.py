@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             print(plot.plot_runs(args.run_dirs, args.out))
             return 0
         if args.command == "bench":
-            from asyncrl import bench
-            return bench.command(args, console, loop_factory=_install_loop_factory())
+            from asyncrl import benchmark
+            return benchmark.command(args, console, loop_factory=_install_loop_factory())
         config = resolve_config(args)
         with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
             result = runner.run(_run(args, config, console, seen))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from asyncrl import registry
 from asyncrl.actor import Actor
@@ -66,8 +67,7 @@ def placement(config: Config, device: torch.device, env_fn: Callable | None) -> 
 
 def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) -> Components:
     """Everything a run is made of, and what feeds what, in one screen."""
-    algo_cls = registry.get(config.algo.name)
-    algo_config = registry.algo_config(algo_cls, with_run_defaults(algo_cls.Config, config.algo.params, config))
+    params = algo_params(config)  # its errors before any env starts
     e, seed, n = config.env, config.train.seed, config.actors.num_actors
     try:
         device = pick_device(config.learner.device)
@@ -84,13 +84,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             envs = [make_env(**args, env_fn=env_fn) for args in env_args]
             spec = envs[0].spec
         else:  # the workers make their own envs; one small env tells the spec (and checks the id)
-            with make_env(e.id, 1, None, seed, e.kwargs, obs_indices=e.obs_indices) as probe:
-                spec = probe.spec
-        torch.manual_seed(seed)
-        try:
-            algo = algo_cls(spec, algo_config, device)
-        except ValueError as exc:  # the algorithm refuses this env (e.g. continuous actions)
-            raise ConfigError(f"{config.algo.name} cannot train on {e.id}: {exc}") from None
+            spec = probe_spec(config)
+        algo = make_algo(config, spec, device, params)
         state_spec = actor_state_spec(algo)
         if state_spec and where == "ray":
             raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which remote "
@@ -183,6 +178,41 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     return Components(config, spec, algo, replay, limiter, store, recorder, actors, learner, remote)
 
 
+def algo_params(config: Config) -> tuple[type[Algorithm], BaseModel]:
+    """The configured algorithm's class and its checked parameters, completed from the run
+    (:func:`~asyncrl.config.with_run_defaults`: PPO anneals over the run's budget)."""
+    cls = registry.get(config.algo.name)
+    return cls, registry.algo_config(cls, with_run_defaults(cls.Config, config.algo.params, config))
+
+
+def make_algo(config: Config, spec: EnvSpec, device: torch.device,
+              params: tuple[type[Algorithm], BaseModel] | None = None) -> Algorithm:
+    """The configured algorithm for ``spec`` on ``device``, seeded as every run seeds it (the bench
+    builds its own from here too); ConfigError when it refuses the env. ``params``:
+    :func:`algo_params`'s answer, where it was made already."""
+    cls, algo_config = params or algo_params(config)
+    torch.manual_seed(config.train.seed)
+    try:
+        return cls(spec, algo_config, device)
+    except ValueError as exc:  # the algorithm refuses this env (e.g. continuous actions)
+        raise ConfigError(f"{config.algo.name} cannot train on {config.env.id}: {exc}") from None
+
+
+def probe_spec(config: Config) -> EnvSpec:
+    """The env's spec from one small env of the config's id (which also checks the id)."""
+    e = config.env
+    with make_env(e.id, 1, None, config.train.seed, e.kwargs, obs_indices=e.obs_indices) as probe:
+        return probe.spec
+
+
+def learner_batch_size(config: Config, data: Any) -> int:
+    """Items the learner takes per update: every env's trajectory at once where acting waits for
+    each update (PPO, policy lag 0), else ``learner.batch_size``."""
+    if isinstance(data, TrajectoryData) and data.wait_for_learner:
+        return config.num_streams
+    return config.learner.batch_size
+
+
 def _ray_actors(config: Config, spec: EnvSpec, store: WeightStore, env_args: list[dict[str, Any]],
                 adder: Callable, recorder: Recorder, extras: dict | None = None) -> tuple[Any, list]:
     """Remote actors, one Ray actor each, on whatever nodes the cluster places them."""
@@ -212,6 +242,7 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     if actor_state_spec(algo):
         raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which trajectory "
                           "data does not store yet (sequence data does)")
+    batch = learner_batch_size(config, data)
     if data.wait_for_learner:
         # Acting pauses after each trajectory until the learner has trained on every env's one:
         # one update per rollout, published at once, with the envs stepping in lock-step.
@@ -227,9 +258,9 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
         if where == "ray":
             raise ConfigError(f"{config.algo.name} alternates acting and learning (policy lag 0), so "
                               "remote actors would not overlap them: use actors.backend = 'local'")
-        batch, capacity, publish_every = streams, streams, 1
+        capacity, publish_every = streams, 1
     else:
-        batch, publish_every = config.learner.batch_size, config.learner.publish_every
+        publish_every = config.learner.publish_every
         capacity = config.replay.queue_capacity or 2 * max(batch, streams)
         # One actor batch can finish a trajectory in each of its envs at once.
         least = min_queue_capacity(batch, e.actor_batch)

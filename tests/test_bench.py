@@ -21,7 +21,7 @@ from rich.console import Console
 
 from algos.dqn import DQN
 from asyncrl import cli, registry
-from asyncrl.bench import FIGURES, RATIOS, parse_sweep, render, run_bench
+from asyncrl.benchmark import FIGURES, RATIOS, parse_sweep, render, run_bench
 from asyncrl.config import ConfigError, build_config
 
 SHORT = ["replay.min_size_to_sample=500"]  # the end-to-end learner starts sooner
@@ -142,7 +142,10 @@ OTHER_ALGOS = {
 
 @pytest.fixture(scope="module")
 def measured_others() -> dict[str, dict]:
-    return {name: run_bench(build_config(registry.get(name).preset, overrides=over), warmup_s=0.2, **BRIEF)
+    # PPO's end to end moves in whole rollouts (256 env steps, then an update): a longer window
+    # keeps its rate within the bound test's slack.
+    return {name: run_bench(build_config(registry.get(name).preset, overrides=over), warmup_s=0.2,
+                            **{**BRIEF, **({"seconds": 0.6} if name == "ppo" else {})})
             for name, over in OTHER_ALGOS.items()}
 
 
@@ -168,6 +171,10 @@ def test_acting_that_waits_for_each_update_is_bounded_by_the_series_rate(measure
         assert result["in_turns"] is in_turns, name
         assert result["bound_env_steps_per_s"] == pytest.approx(bound), name
         assert result["ratios"]["overlap_efficiency"] == pytest.approx(median["end_to_end_env_steps"] / bound)
+        # The bound is a claim about the run: the whole trainer, measured in its own window, does
+        # not outrun it. The slack covers brief windows on a shared box (PPO's run/bound was
+        # 0.6-1.1 at 0.6 s, IMPALA's 0.4-0.8); a bound built from a mis-measured side is off by more.
+        assert median["end_to_end_env_steps"] <= 1.5 * bound, (name, median, bound)
     ppo = measured_others["ppo"]
     assert ppo["inserts_per_update"] == 8 * 32  # every env's 32-step trajectory, each step once
     assert "acting waits for each update" in rendered(ppo)
