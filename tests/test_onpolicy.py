@@ -278,7 +278,7 @@ GAUSSIAN = EnvSpec("p", (3,), np.dtype(np.float32), "continuous", 0, (1,), np.ar
 def test_compiled_gradient_steps_match_the_eager_update(spec, minibatch_size):
     # 256: one minibatch takes the whole rollout (the compiled step gets every row, reset steps
     # weighted 0); 64: gathered minibatches of a fixed size, shuffled alike on both sides.
-    from asyncrl.bench import synthetic_batch
+    from asyncrl.benchmark import synthetic_batch
 
     rng = np.random.default_rng(0)
     config = {"epochs": 3, "minibatch_size": minibatch_size, "anneal_env_steps": 5_000, "clip_value": True}
