@@ -262,13 +262,9 @@ def _act_serial(c: Components, seconds: float, warmup_s: float) -> float:
     for actor in c.actors:
         actor.env.async_reset()
 
-    def step() -> None:
+    def step() -> None:  # the acting mode's limiter refuses nothing: no learner is needed
         for actor in c.actors:
-            s = actor.env.recv()
-            pending = actor.adder.pending(s.env_ids)
-            if pending:
-                c.limiter.try_insert(pending)
-            actor.env.send(actor.act_batch(s), s.env_ids)
+            actor.step_now(c.limiter, learn=lambda: False)
 
     return _timed(step, lambda: c.recorder.env_steps, seconds, warmup_s)
 
