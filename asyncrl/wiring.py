@@ -154,17 +154,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     elif where == "ray":
         remote, actors = _ray_actors(config, spec, store, env_args, adder, recorder)
     else:
-        try:
-            for i in range(n):
-                actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params,
-                                           store, adder(i), recorder, seed, config.actors.pull_every,
-                                           state_spec=state_spec))
-        except BaseException:
-            for actor in actors:
-                actor.close()
-            raise
-    for actor in actors:  # what it does with a step holding inf or nan
-        actor.env_id, actor.nonfinite = e.id, e.nonfinite
+        actors = _process_actors(config, spec, env_args, store, adder, recorder, state_spec=state_spec)
+    _steps_checked(actors, config)
     total = config.train.total_env_steps
     beta0 = r.importance_exponent if r.prioritized else 0.0
 
@@ -238,7 +229,7 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
                      envs: list[VecEnv], env_args: list[dict[str, Any]]) -> Components:
     """The on-policy half of :func:`build`: actors -> trajectory adders -> FIFO rollout queue ->
     learner -> weight store -> actors."""
-    e, n, streams = config.env, config.actors.num_actors, config.num_streams
+    e, streams = config.env, config.num_streams
     if actor_state_spec(algo):
         raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which trajectory "
                           "data does not store yet (sequence data does)")
@@ -301,18 +292,30 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     elif where == "ray":
         remote, actors = _ray_actors(config, spec, store, env_args, adder, recorder, data.extras)
     else:
-        try:
-            for i in range(n):
-                actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params,
-                                           store, adder(i), recorder, config.train.seed,
-                                           config.actors.pull_every, extras=data.extras))
-        except BaseException:
-            for actor in actors:
-                actor.close()
-            raise
-    for actor in actors:  # what it does with a step holding inf or nan
-        actor.env_id, actor.nonfinite = e.id, e.nonfinite
+        actors = _process_actors(config, spec, env_args, store, adder, recorder, extras=data.extras)
+    _steps_checked(actors, config)
     return Components(config, spec, algo, queue, queue, store, recorder, actors, learner, remote)
+
+
+def _process_actors(config: Config, spec: EnvSpec, env_args: list[dict[str, Any]], store: WeightStore,
+                    adder: Callable, recorder: Recorder, **data: Any) -> list[ProcessActor]:
+    """One worker process per actor; those started are closed if a later one fails to start."""
+    actors: list[ProcessActor] = []
+    try:
+        for i in range(config.actors.num_actors):
+            actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params, store,
+                                       adder(i), recorder, config.train.seed, config.actors.pull_every, **data))
+    except BaseException:
+        for actor in actors:
+            actor.close()
+        raise
+    return actors
+
+
+def _steps_checked(actors: list, config: Config) -> None:
+    """What every actor does with a step holding inf or nan (env.nonfinite), naming the env."""
+    for actor in actors:
+        actor.env_id, actor.nonfinite = config.env.id, config.env.nonfinite
 
 
 def default_run_dir(config: Config) -> Path:
