@@ -78,7 +78,7 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     data = make_algo(config, spec, torch.device("cpu")).data
     on_policy = isinstance(data, TrajectoryData)
     # Where the learner's updates run, as the trainer would run them: beside inline actors in a
-    # thread, unless acting waits for each update anyway (then in the loop, see TrajectoryLearner).
+    # thread, unless acting waits for each update anyway (then in the loop, see Learner.run).
     in_thread = where == "inline" and not (on_policy and data.wait_for_learner)
     learner_runs = "serial" if config.train.mode == "serial" else "thread" if in_thread else "loop"
     per_update = (learner_batch_size(config, data) * data.length if on_policy
