@@ -8,6 +8,7 @@ and compare it with the checkpoint the run resumed from.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 from typing import Any, Callable
@@ -74,3 +75,31 @@ def assert_resumed_from(seen: dict[str, Any], manifest: dict[str, Any], state: d
         now = trainer.c.replay
         assert np.array_equal(now.obs[filled], replay["obs"][filled])
         assert np.array_equal(now.positions[filled], replay["positions"][filled])
+
+
+def one_batch_from_rng_state(c, actor, state: dict, env_steps: int = 50_000
+                             ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Give ``actor`` (of the built run ``c``) the RNG ``state`` and a resumed run's env steps, let
+    it take one batch in, and return the actions it chose, those a fresh RNG of that state picks on
+    the same observations at those env steps, and that RNG's state after. The caller closes the
+    actor."""
+    from asyncrl.core import split_actions
+
+    actor.set_rng_state(state)
+    assert actor.rng_state() == state
+    c.recorder.env_steps = env_steps  # a resumed run's: its epsilon, not step 0's
+    seen = []
+    ingest = actor.ingest
+
+    async def ingest_and_keep(limiter, step, actions, *args):
+        seen.append((step.obs.copy(), actions.copy()))
+        await ingest(limiter, step, actions, *args)
+
+    actor.ingest = ingest_and_keep
+    asyncio.run(asyncio.wait_for(actor.run(c.limiter, lambda: True), 60))  # one batch in
+    (obs, actions), = seen
+    rng = np.random.default_rng()
+    rng.bit_generator.state = copy.deepcopy(state)
+    with torch.inference_mode():
+        expected, _ = split_actions(c.algo.act(c.algo.acting_network, torch.from_numpy(obs), env_steps, rng))
+    return actions, expected, rng.bit_generator.state

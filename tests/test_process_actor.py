@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from algos.dqn import DQN
 from asyncrl import checkpoint
 from asyncrl.config import build_config
-from asyncrl.core import split_actions
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
 from asyncrl.process_actor import ActorDied, ProcessActor
 from asyncrl.trainer import Trainer, build
+from resume_checks import one_batch_from_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,29 +223,13 @@ def test_a_main_script_without_the_main_guard_fails_at_once_naming_the_guard(tmp
 def test_a_process_worker_acts_from_the_rng_state_and_env_steps_it_is_given():
     c = build(config("env.num_envs=32"), Recorder(10_000, []))
     actor = c.actors[0]
+    state = np.random.default_rng(123).bit_generator.state
     try:
-        state = np.random.default_rng(123).bit_generator.state
-        actor.set_rng_state(state)
-        assert actor.rng_state() == state
-        c.recorder.env_steps = 50_000  # a resumed run's: its epsilon, not step 0's
-        seen = []
-        ingest = actor.ingest
-
-        async def ingest_and_keep(limiter, step, actions, *args):
-            seen.append((step.obs.copy(), actions.copy()))
-            await ingest(limiter, step, actions, *args)
-
-        actor.ingest = ingest_and_keep
-        asyncio.run(asyncio.wait_for(actor.run(c.limiter, lambda: True), 60))  # one batch
+        actions, expected, after = one_batch_from_rng_state(c, actor, state)
     finally:
         actor.close()
-    (obs, actions), = seen
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    with torch.inference_mode():
-        expected, _ = split_actions(c.algo.act(c.algo.acting_network, torch.from_numpy(obs), 50_000, rng))
     np.testing.assert_array_equal(actions, expected)
-    assert actor.rng_state() == rng.bit_generator.state  # as of the batch the loop took in
+    assert actor.rng_state() == after  # as of the batch the loop took in
     assert json.loads(json.dumps(actor.rng_state())) == actor.rng_state()
 
 

@@ -12,7 +12,6 @@ import signal
 
 import numpy as np
 import pytest
-import torch
 
 # Ray binds and advertises the machine's interface address unless told otherwise: keep every
 # node, the GCS and the driver on 127.0.0.1. Ray reads this when it is first imported.
@@ -26,11 +25,11 @@ from algos.dqn import DQN  # noqa: E402
 from algos.impala import IMPALA  # noqa: E402
 from asyncrl import ray_actor  # noqa: E402
 from asyncrl.config import build_config  # noqa: E402
-from asyncrl.core import split_actions  # noqa: E402
 from asyncrl.faults import RunError  # noqa: E402
 from asyncrl.metrics import Recorder, read_jsonl  # noqa: E402
 from asyncrl.ray_actor import RayActor  # noqa: E402
 from asyncrl.trainer import Trainer, build  # noqa: E402
+from resume_checks import one_batch_from_rng_state  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 REMOTE = ["actors.backend='ray'", "actors.ray.resources={worker=1}", "train.tensorboard=false",
@@ -146,28 +145,12 @@ def test_a_remote_actor_acts_from_the_rng_state_it_is_given(connected):
     cfg = build_config(DQN.preset, overrides=[*REMOTE, "env.num_envs=32"])
     c = build(cfg, Recorder(10_000, []))
     actor = c.actors[0]
+    state = np.random.default_rng(123).bit_generator.state
     try:
-        state = np.random.default_rng(123).bit_generator.state
-        actor.set_rng_state(state)
-        assert actor.rng_state() == state
-        c.recorder.env_steps = 50_000  # a resumed run's: the calls carry it
-        seen = []
-        ingest = actor.ingest
-
-        async def ingest_and_keep(limiter, step, actions, *args):
-            seen.append((step.obs.copy(), actions.copy()))
-            await ingest(limiter, step, actions, *args)
-
-        actor.ingest = ingest_and_keep
-        asyncio.run(asyncio.wait_for(actor.run(c.limiter, lambda: True), 60))  # one call, one batch in
+        actions, expected, _ = one_batch_from_rng_state(c, actor, state)  # one call, one batch in
     finally:
         actor.close()
         c.remote.close()
-    (obs, actions), = seen
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    with torch.inference_mode():
-        expected, _ = split_actions(c.algo.act(c.algo.acting_network, torch.from_numpy(obs), 50_000, rng))
     np.testing.assert_array_equal(actions, expected)
     moved = actor.rng_state()  # after the call's batches: on from the state it was given
     assert moved != state and json.loads(json.dumps(moved)) == moved
