@@ -1,53 +1,37 @@
-"""Run configuration: frozen pydantic models, TOML files and dotted ``--set`` overrides.
+"""Run configuration: the sections of a run's config as frozen pydantic models (one description
+per field), the checks across sections, and building a validated :class:`Config` from its sources.
 
 Where a value comes from is always one of: the algorithm's built-in preset, a TOML file, ``--env``,
-or ``--set key=value``, applied in that order. The resolved config is written to the run directory
-(``config.json``) and reloaded on resume.
+or ``--set key=value``, applied in that order (:func:`build_config`). The resolved config is written
+to the run directory (``config.json``) and reloaded on resume.
+
+The model base and the one-line error (``config_base.py``) and the reading and merging of the
+sources (``config_sources.py``) live apart; their names are re-exported here, so
+``asyncrl.config`` is the one import for all of it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tomllib
-import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from asyncrl.config_base import ConfigError, ConfigModel, describe_validation_error
+from asyncrl.config_sources import algo_name, deep_merge, parse_override, read_file
 
-class ConfigError(ValueError):
-    """A config the user gave is invalid; the message is one line naming the field."""
-
+__all__ = [
+    "EVAL_SEED_OFFSET", "MAX_SEED", "ActorsConfig", "AlgoSection", "Config", "ConfigError", "ConfigModel",
+    "EnvConfig", "LearnerConfig", "RayConfig", "ReplayConfig", "TrainConfig", "algo_name", "build_config",
+    "deep_merge", "describe_validation_error", "machine_memory", "parse_override", "read_file",
+    "require_memory", "validate", "with_run_defaults",
+]
 
 MAX_SEED = 2**31 - 1  # EnvPool takes int32 seeds
 EVAL_SEED_OFFSET = 1_000_003  # evaluation envs' seeds start here past train.seed, apart from training's
-
-
-def _takes_bool(annotation: Any) -> bool:
-    if annotation is bool or annotation is Any:
-        return True
-    if get_origin(annotation) in (Union, types.UnionType, Annotated):
-        return any(_takes_bool(arg) for arg in get_args(annotation))
-    return False
-
-
-class ConfigModel(BaseModel):
-    """The base of every config section and of every algorithm's config: frozen, unknown keys
-    refused, and numbers that are numbers: pydantic would take ``true`` as 1 for an int or a
-    float field and accept inf and nan for a float one, which no count, size or rate means."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
-            raise ValueError("must be a number, not a boolean")
-        return value
 
 
 class EnvConfig(ConfigModel):
@@ -322,71 +306,6 @@ def with_run_defaults(model: type[BaseModel], params: dict[str, Any], config: Co
 
 
 # --- building a config from its sources -------------------------------------------------------
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(item: str) -> dict[str, Any]:
-    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``; the value is read as TOML (numbers,
-    booleans, lists, quoted strings), and as a plain string when it is not valid TOML."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set expects key=value with a dotted key, got {item!r}")
-    try:
-        value: Any = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
-def read_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a table of sections")
-    return data
-
-
-def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line naming the first bad field and why (pydantic's own wording)."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"] if p != "__root__") or "config"
-    if prefix:
-        where = f"{prefix}.{where}" if where != "config" else prefix
-    msg = err["msg"].removeprefix("Value error, ")
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
-    more = len(exc.errors()) - 1
-    return f"invalid config: {where}: {msg}{shown}" + (f" (and {more} more)" if more else "")
-
-
-def algo_name(data: dict[str, Any]) -> str | None:
-    """The algorithm a config dict names, if any; a malformed ``algo`` entry is a ConfigError."""
-    section = data.get("algo")
-    if section is None:
-        return None
-    if not isinstance(section, dict) or not isinstance(section.get("name", ""), str):
-        raise ConfigError("invalid config: algo: must be a table whose name is a string, "
-                          "e.g. [algo] name = \"dqn\"")
-    return section.get("name")
 
 
 def build_config(
