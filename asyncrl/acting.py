@@ -138,3 +138,25 @@ class PolicyStep:
 
     def set_rng_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
+
+
+RNG_WORDS = 6
+_MASK64 = (1 << 64) - 1
+
+
+def pack_rng_state(state: dict) -> np.ndarray:
+    """A PCG64 state (what ``default_rng`` makes) as six int64 words, the form in which a worker's
+    RNG state travels (start message, slots, a remote actor's results): the 128-bit state and
+    increment in 64-bit halves, then the buffered 32-bit draw."""
+    if state.get("bit_generator") != "PCG64":
+        raise ValueError(f"a process actor's RNG is a PCG64, not {state.get('bit_generator')!r}")
+    s, inc = state["state"]["state"], state["state"]["inc"]
+    return np.array([s & _MASK64, s >> 64, inc & _MASK64, inc >> 64, state["has_uint32"],
+                     state["uinteger"]], np.uint64).view(np.int64)
+
+
+def unpack_rng_state(words: np.ndarray) -> dict:
+    """The state dict (``bit_generator.state``) that :func:`pack_rng_state` packed."""
+    w = [int(x) for x in np.asarray(words, np.int64).view(np.uint64)]
+    return {"bit_generator": "PCG64", "state": {"state": w[0] | w[1] << 64, "inc": w[2] | w[3] << 64},
+            "has_uint32": w[4], "uinteger": w[5]}

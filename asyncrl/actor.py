@@ -15,7 +15,7 @@ from asyncrl.acting import Acted, EnvStates, PolicyStep  # noqa: F401 (EnvStates
 from asyncrl.adders import Adder
 from asyncrl.core import Algorithm
 from asyncrl.envs import Step, VecEnv
-from asyncrl.faults import RunError
+from asyncrl.episodes import Counted, Episodes, check_finite
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.weights import WeightStore
@@ -34,51 +34,26 @@ class ActorBase:
         self.store, self.adder, self.recorder = store, adder, recorder
         self.weight_version = 0
         self.nonfinite_steps = 0  # steps whose inf or nan became 0 (env.nonfinite = "zero")
-        self._ep_return = np.zeros(num_envs, np.float64)
-        self._ep_length = np.zeros(num_envs, np.int64)
-        self._after_end = np.ones(num_envs, bool)  # the first obs of an env follows a reset: not a step
+        self.episodes = Episodes(num_envs)
 
     def observe(self, step: Step) -> None:
         """Episode statistics and the adder for one received batch."""
-        self._check_finite(step)
-        ids = step.env_ids
-        real = ~self._after_end[ids]  # the step right after an episode end is EnvPool's reset step
-        self._ep_return[ids] += step.rewards * real
-        self._ep_length[ids] += real
-        done = step.terminated | step.truncated
-        if done.any():
-            ended = ids[done]
-            self.recorder.episode_done(self._ep_return[ended].tolist(), self._ep_length[ended].tolist())
-            self._ep_return[ended] = 0.0
-            self._ep_length[ended] = 0
-        self._after_end[ids] = done
-        self.recorder.env_steps += int(real.sum())
-        self.adder.observe(ids, step.obs, step.rewards, step.terminated, step.truncated)
+        zeroed = check_finite(step, self.nonfinite, self.env_id, self.recorder.env_steps)
+        self.count_nonfinite(zeroed)
+        self.count(self.episodes.count(step))
+        self.adder.observe(step.env_ids, step.obs, step.rewards, step.terminated, step.truncated)
 
-    def _check_finite(self, step: Step) -> None:
-        """Stop on, or zero and count, rewards and float observations that are inf or nan, as
-        they arrive: learning from them would fail updates later, blaming the learner. Every
-        actor kind's batches pass here; checking a batch costs microseconds."""
-        float_obs = np.issubdtype(step.obs.dtype, np.floating)
-        if np.isfinite(step.rewards).all() and (not float_obs or np.isfinite(step.obs).all()):
-            return
-        bad_reward = ~np.isfinite(step.rewards)
-        bad_obs = (~np.isfinite(step.obs.reshape(len(step.obs), -1)).all(1) if float_obs
-                   else np.zeros_like(bad_reward))
-        if self.nonfinite == "stop":
-            row = int(np.flatnonzero(bad_reward | bad_obs)[0])
-            what = (f"reward ({step.rewards[row]})" if bad_reward[row] else
-                    f"observation (holding {step.obs[row][~np.isfinite(step.obs[row])].flat[0]})")
-            raise RunError(f"env {self.env_id} #{int(step.env_ids[row])} returned a non-finite {what} "
-                           f"after {self.recorder.env_steps} env steps (env.nonfinite = 'stop'; "
-                           "'zero' replaces such values with 0 and counts them)")
-        if not self.nonfinite_steps:
+    def count(self, counted: Counted) -> None:
+        """A batch's env steps and ended episodes, into the run's counters."""
+        if len(counted.returns):
+            self.recorder.episode_done(counted.returns.tolist(), counted.lengths.tolist())
+        self.recorder.env_steps += counted.steps
+
+    def count_nonfinite(self, zeroed: int) -> None:
+        if zeroed and not self.nonfinite_steps:
             log.warning("env %s returned inf or nan: replaced with 0 and counted in "
                         "charts/nonfinite_steps (env.nonfinite = 'zero')", self.env_id)
-        self.nonfinite_steps += int(np.count_nonzero(bad_reward | bad_obs))
-        step.rewards = np.nan_to_num(step.rewards, nan=0.0, posinf=0.0, neginf=0.0)
-        if float_obs:  # a new array: the batch may be a worker's shared memory or EnvPool's
-            step.obs = np.nan_to_num(step.obs, nan=0.0, posinf=0.0, neginf=0.0)
+        self.nonfinite_steps += zeroed
 
     # --- the insert handshake: room under the gate, observe, act (here or elsewhere), record ---
 

@@ -1,14 +1,16 @@
-"""Process actors: EnvPool and policy inference in a worker process, finished batches handed to
-the loop through shared-memory slabs (no pickling per step), weights pulled from the shared-memory
+"""Process actors: EnvPool, policy inference and the adder in a worker process, which writes
+its steps straight into the run's store in shared memory; weights pulled from the shared-memory
 weight store by version.
 
-The worker owns ``slabs`` slots of one batch each. It writes a batch (the observations it
-received, what the env returned with them, the actions it chose) into a free slot and sends the
-slot's number over a pipe; the loop ingests the slot into the replay under the rate limiter and
-sends the number back. When every slot is full the worker waits, so the limiter throttles acting
-as it does for inline actors. A worker that dies is reported in one line, never waited on;
-once the run is stopping (its limiter stopped) a worker's end is no failure: the final checkpoint
-saves the loop's state, which holds every batch taken in.
+The worker owns ``slots`` slots. For each batch it takes a free slot, acts, sends the actions,
+runs the adder over its writer (:mod:`asyncrl.writers`: the steps land in the replay's stream
+rings ahead of publication, or finished trajectories in the slot), and sends the loop one
+message: the slot, how many items it wrote, its env steps and ended episodes. The loop waits for
+room under the gate (rate limiter or rollout queue), publishes the items in one call, counts,
+and hands the slot back: a fixed handful of calls per batch. When every slot is in flight the
+worker waits, so the gate throttles acting as it does for inline actors. A worker that dies is
+reported in one line, never waited on; once the run is stopping (its limiter stopped) a worker's
+end is no failure: the final checkpoint saves what the loop published.
 
 Start-up: the worker says hello as soon as it runs (a worker that dies or hangs before that never
 got past importing the main module: the actor refuses to start, naming the ``__main__`` guard),
@@ -27,27 +29,37 @@ import signal
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from asyncrl.acting import Acted, PolicyStep
+from asyncrl.acting import RNG_WORDS, PolicyStep, pack_rng_state, unpack_rng_state
 from asyncrl.actor import ActorBase
 from asyncrl.adders import Adder
-from asyncrl.core import EnvSpec, StateSpec
-from asyncrl.envs import Step
+from asyncrl.episodes import Counted, Episodes, check_finite
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
+from asyncrl.shm import shared_zeros
 from asyncrl.weights import WeightStore
+from asyncrl.writers import StreamWriter, TrajectorySink, writer_for
 
 log = logging.getLogger("asyncrl")
 
-_READY = struct.Struct("<iqddd")  # slot, weight version, seconds in env wait, inference, slot wait
-_STOP, _START = -1, -2  # loop -> worker messages besides slot numbers; _START may carry RNG words
-_ENV_STEPS, _STOPPING = 0, 1  # entries of the shared control tensor
+# Worker -> loop, after the hello: one fixed-size record per batch, written raw to the pipe (one
+# write, atomic; the loop reads every record waiting in one read). A batch's slot, weight
+# version, seconds in env wait, inference and slot wait, items written (for the gate), real env
+# steps, episodes ended, steps whose inf/nan became 0, and whether the worker's slots are all in
+# flight (it then waits for a wake-up). Slot -1: the run must stop, for the reason in ``error``.
+_READY = struct.Struct("<iqdddiiiii")
+_FAILED = -1
+# Loop -> worker, framed messages: start (may carry RNG words), stop, and wake-ups.
+_STOP, _START, _WAKE = -1, -2, -3
+# Entries of the shared control tensor: the trainer's env steps, stop, nonfinite = "zero", and
+# batches the loop has taken in (slots come back in order, so a count says which are free).
+_ENV_STEPS, _STOPPING, _ZERO_NONFINITE, _TAKEN = 0, 1, 2, 3
 _WORKER_NAME = "asyncrl-actor-"
 # A worker's exit code when it finds itself re-running the main script and starting a run.
 _UNGUARDED_MAIN = 87
@@ -55,6 +67,7 @@ _UNGUARDED_MAIN = 87
 # fork server for a guarded script. Far longer means its import never ends.
 _HELLO_TIMEOUT_S = 120.0
 _PARENT_CHECK_S = 1.0  # how long a worker waits on a stuck publish before it checks its parent
+SLOTS = 4  # batches a worker may have written that the loop has not published yet
 
 
 class ActorDied(RuntimeError):
@@ -63,28 +76,6 @@ class ActorDied(RuntimeError):
 
 class _ParentGone(Exception):
     pass
-
-
-_RNG_WORDS = 6
-_MASK64 = (1 << 64) - 1
-
-
-def pack_rng_state(state: dict) -> np.ndarray:
-    """A PCG64 state (what ``default_rng`` makes) as six int64 words, the form in which a worker's
-    RNG state travels (start message, slots, a remote actor's results): the 128-bit state and
-    increment in 64-bit halves, then the buffered 32-bit draw."""
-    if state.get("bit_generator") != "PCG64":
-        raise ValueError(f"a process actor's RNG is a PCG64, not {state.get('bit_generator')!r}")
-    s, inc = state["state"]["state"], state["state"]["inc"]
-    return np.array([s & _MASK64, s >> 64, inc & _MASK64, inc >> 64, state["has_uint32"],
-                     state["uinteger"]], np.uint64).view(np.int64)
-
-
-def unpack_rng_state(words: np.ndarray) -> dict:
-    """The state dict (``bit_generator.state``) that :func:`pack_rng_state` packed."""
-    w = [int(x) for x in np.asarray(words, np.int64).view(np.uint64)]
-    return {"bit_generator": "PCG64", "state": {"state": w[0] | w[1] << 64, "inc": w[2] | w[3] << 64},
-            "has_uint32": w[4], "uinteger": w[5]}
 
 
 def _refuse_inside_a_worker() -> None:
@@ -97,57 +88,25 @@ def _refuse_inside_a_worker() -> None:
         os._exit(_UNGUARDED_MAIN)
 
 
-def _shared(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.zeros(shape, dtype)).share_memory_()
+class _Slots:
+    """What the worker says of each batch beside the message: its RNG state after the batch,
+    and the return and length of every episode that ended in it."""
 
-
-class _Slabs:
-    """``slots`` batches of one actor, in shared memory."""
-
-    def __init__(self, slots: int, batch: int, spec: EnvSpec,
-                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-                 state_spec: StateSpec | None = None):
-        self.obs = _shared((slots, batch, *spec.obs_shape), spec.obs_dtype)
-        self.rewards = _shared((slots, batch), np.dtype(np.float32))
-        self.terminated = _shared((slots, batch), np.dtype(bool))
-        self.truncated = _shared((slots, batch), np.dtype(bool))
-        self.env_ids = _shared((slots, batch), np.dtype(np.int64))
-        self.actions = _shared((slots, batch, *spec.action_shape), spec.action_dtype)
-        self.sizes = _shared((slots,), np.dtype(np.int64))
-        self.rng = _shared((slots, _RNG_WORDS), np.dtype(np.int64))  # the worker's RNG after the batch
-        for name, (shape, dtype) in (extras or {}).items():  # what act() returns beside actions
-            setattr(self, f"extra_{name}", _shared((slots, batch, *shape), np.dtype(dtype)))
-        for name, (shape, dtype) in (state_spec or {}).items():  # the actor state each action saw
-            setattr(self, f"state_{name}", _shared((slots, batch, *shape), np.dtype(dtype)))
+    def __init__(self, slots: int, batch: int):
+        self.rng = shared_zeros((slots, RNG_WORDS), np.dtype(np.int64))
+        self.returns = shared_zeros((slots, batch), np.dtype(np.float64))
+        self.lengths = shared_zeros((slots, batch), np.dtype(np.int64))
+        self.error = shared_zeros((4096,), np.dtype(np.uint8))  # why the run must stop (UTF-8)
 
     def views(self) -> dict[str, np.ndarray]:
         return {name: tensor.numpy() for name, tensor in vars(self).items()}
 
 
-def write_batch(views: dict[str, np.ndarray], slot: int, step: Step, acted: Acted) -> int:
-    """Write one batch into slot ``slot`` of ``views`` (arrays named as :class:`_Slabs`'s, a slot
-    per leading index): what the env returned, the actions chosen with their extras and the
-    actor state each saw, then the batch's size, last. Returns the size. Process actors write
-    their shared-memory slabs with it, Ray actors the arrays a call returns."""
-    n = len(step.env_ids)
-    views["obs"][slot, :n] = step.obs
-    views["rewards"][slot, :n] = step.rewards
-    views["terminated"][slot, :n] = step.terminated
-    views["truncated"][slot, :n] = step.truncated
-    views["env_ids"][slot, :n] = step.env_ids
-    views["actions"][slot, :n] = acted.actions
-    for name, value in acted.extras.items():
-        views[f"extra_{name}"][slot, :n] = value
-    for name, value in acted.state.items():
-        views[f"state_{name}"][slot, :n] = value
-    views["sizes"][slot] = n
-    return n
-
-
 def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_params: dict[str, Any],
-            store: WeightStore, slabs: _Slabs, control: torch.Tensor, conn: mpc.Connection,
-            seed: int, pull_every: int) -> None:
-    """The worker process: receive, pull weights, act, send; hand each batch over in a slot."""
+            store: WeightStore, writer: StreamWriter | TrajectorySink, make_adder: Callable[[Any], Adder],
+            slots: _Slots, control: torch.Tensor, conn: mpc.Connection, seed: int, pull_every: int) -> None:
+    """The worker process: receive, pull weights, act, send; write each batch into the store
+    through ``writer`` and tell the loop what it wrote, in a slot."""
     # Signals are the parent's to handle: Ctrl-C in a terminal and GNU timeout signal the whole
     # process group, and a worker that ended on them would read as a dead actor. The parent
     # stops us with a message (or kills us); a parent that is gone closes our pipe.
@@ -167,36 +126,54 @@ def _worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_para
         policy = PolicyStep(algo, env.num_envs, np.random.default_rng([seed, index]), store=store,
                             pull_every=pull_every, pull_timeout=_PARENT_CHECK_S,
                             on_stuck_publish=lambda: _check_parent(parent))
-        views, ctl = slabs.views(), control.numpy()
-        free = list(range(len(views["sizes"])))
+        views, ctl = slots.views(), control.numpy()
+        num_slots, sent, fd = len(views["rng"]), 0, conn.fileno()
+        episodes = Episodes(env.num_envs)
         # Made ready (env, network) while the loop starts; act only once it says so, with the
-        # RNG state it may send and its env-step count in the control tensor.
+        # RNG state it may send and its env-step count in the control tensor; write from the
+        # store's heads as they are then (a resumed run's).
         start = conn.recv_bytes()
         if struct.unpack_from("<i", start)[0] != _START:
             return
         if len(start) > 4:
             policy.set_rng_state(unpack_rng_state(np.frombuffer(start, np.int64, offset=4)))
+        nonfinite = "zero" if ctl[_ZERO_NONFINITE] else "stop"
+        writer.attach()
+        adder = make_adder(writer)
         env.async_reset()
         while not ctl[_STOPPING]:
             t0 = time.perf_counter()
             step = env.recv()
             t1 = time.perf_counter()
-            while not free:
+            while sent - ctl[_TAKEN] >= num_slots:  # every slot in flight: wait to be woken
                 if conn.poll(0.1):
-                    slot = struct.unpack("<i", conn.recv_bytes())[0]
-                    if slot == _STOP:
+                    if struct.unpack("<i", conn.recv_bytes())[0] == _STOP:
                         return
-                    free.append(slot)
                 elif ctl[_STOPPING]:
                     return
             t2 = time.perf_counter()
+            try:
+                zeroed = check_finite(step, nonfinite, make_env_args["env_id"], int(ctl[_ENV_STEPS]))
+            except RunError as exc:
+                text = str(exc).encode()[:len(views["error"])]
+                views["error"][:len(text)] = np.frombuffer(text, np.uint8)
+                os.write(fd, _READY.pack(_FAILED, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+                return
             acted = policy.act(step.obs, step.env_ids, int(ctl[_ENV_STEPS]), step.terminated, step.truncated)
-            env.send(acted.actions, step.env_ids)  # the envs step while the slot is written
+            env.send(acted.actions, step.env_ids)  # the envs step while the batch is written
             t3 = time.perf_counter()
-            slot = free.pop()
-            write_batch(views, slot, step, acted)
+            slot = sent % num_slots
+            writer.begin(slot)
+            counted = episodes.count(step)
+            adder.observe(step.env_ids, step.obs, step.rewards, step.terminated, step.truncated)
+            adder.record_actions(step.env_ids, acted)
+            ended = len(counted.returns)
+            views["returns"][slot, :ended] = counted.returns
+            views["lengths"][slot, :ended] = counted.lengths
             views["rng"][slot] = pack_rng_state(policy.rng_state())
-            conn.send_bytes(_READY.pack(slot, acted.weight_version, t1 - t0, t3 - t2, t2 - t1))
+            sent += 1
+            os.write(fd, _READY.pack(slot, acted.weight_version, t1 - t0, t3 - t2, t2 - t1, writer.finish(),
+                                     counted.steps, ended, zeroed, int(sent - ctl[_TAKEN] >= num_slots)))
     except (EOFError, BrokenPipeError, ConnectionResetError, _ParentGone):
         pass  # the parent is gone (or closed our pipe): nobody is left to hand batches to
     finally:
@@ -238,23 +215,27 @@ def start_fork_server() -> None:
 
 
 class ProcessActor(ActorBase):
-    """The loop's side of a process actor: starts and owns the worker, ingests its slots."""
+    """The loop's side of a process actor: starts and owns the worker, publishes what it wrote.
 
-    def __init__(self, index: int, spec: EnvSpec, make_env_args: dict[str, Any], algo_name: str,
-                 algo_params: dict[str, Any], store: WeightStore, adder: Adder,
-                 recorder: Recorder, seed: int, pull_every: int, slots: int = 4,
-                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-                 state_spec: StateSpec | None = None):
+    ``data`` is the run's store (a shared-memory replay, or the rollout queue) and
+    ``make_adder`` makes the worker's adder over its writer; the actor's envs are the store's
+    streams ``first_stream ...``. The worker holds ``slots`` batches in flight at most: a
+    replay must let writers run that far ahead (``writers_ahead``)."""
+
+    def __init__(self, index: int, make_env_args: dict[str, Any], algo_name: str,
+                 algo_params: dict[str, Any], store: WeightStore, data: Any,
+                 make_adder: Callable[[Any], Adder], first_stream: int, recorder: Recorder,
+                 seed: int, pull_every: int, slots: int = SLOTS):
         _refuse_inside_a_worker()
         num_envs = make_env_args["num_envs"]
-        super().__init__(num_envs, store, adder, recorder)
+        super().__init__(num_envs, store, None, recorder)
         self.index = index
         batch = make_env_args.get("batch_size") or num_envs
-        self._extras = list(extras or {})
-        self._states = list(state_spec or {})
-        self._slabs = _Slabs(slots, batch, spec, extras, state_spec)
-        self._views = self._slabs.views()
-        self._control = _shared((2,), np.dtype(np.int64))
+        self._streams = first_stream + np.arange(num_envs)
+        self._writer = writer_for(data, slots, batch)
+        self._slots = _Slots(slots, batch)
+        self._views = self._slots.views()
+        self._control = shared_zeros((4,), np.dtype(np.int64))
         # The worker's RNG as of the last batch ingested (it draws as it acts): until the first,
         # the state it starts from.
         self._rng = pack_rng_state(np.random.default_rng([seed, index]).bit_generator.state)
@@ -263,8 +244,8 @@ class ProcessActor(ActorBase):
         self._conn, child_conn = mp.Pipe()
         self._process = _context().Process(
             target=_worker, name=f"{_WORKER_NAME}{index}", daemon=True,
-            args=(index, make_env_args, algo_name, algo_params, store, self._slabs, self._control,
-                  child_conn, seed, pull_every))
+            args=(index, make_env_args, algo_name, algo_params, store, self._writer, make_adder,
+                  self._slots, self._control, child_conn, seed, pull_every))
         self._process.start()
         child_conn.close()
         try:
@@ -316,53 +297,79 @@ class ProcessActor(ActorBase):
     async def run(self, limiter: RateLimiter, on_steps) -> None:
         loop = asyncio.get_running_loop()
         ready: asyncio.Queue[bytes | None] = asyncio.Queue()
+        fd = self._conn.fileno()
 
         def on_readable() -> None:
             # The pipe's end closes only when the worker exits, however it exits: a reliable
             # death notice (unlike the process sentinel, which a fork server killed by a
             # group-wide signal would fire for every worker).
             try:
-                while self._conn.poll():
-                    ready.put_nowait(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                loop.remove_reader(self._conn.fileno())
-                ready.put_nowait(None)
+                data = os.read(fd, 1 << 16)  # every record waiting, in one call
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(fd)
+            ready.put_nowait(data or None)
 
-        # The worker's exploration schedule reads the env-step count from the control tensor:
-        # a resumed run's count, before the worker's first action.
-        self._control[_ENV_STEPS] = self.recorder.env_steps
+        # The worker writes from the store's heads as they are now (a resumed run's) and reads
+        # the env-step count from the control tensor before its first action.
+        self._writer.open(self._streams)
+        ctl = self._control.numpy()
+        ctl[_ENV_STEPS] = self.recorder.env_steps
+        ctl[_ZERO_NONFINITE] = self.nonfinite == "zero"
         self._started = True
         self._send(struct.pack("<i", _START) + (self._rng.tobytes() if self._rng_set else b""))
-        loop.add_reader(self._conn.fileno(), on_readable)
-        timer, v = self.recorder.timer, self._views
+        loop.add_reader(fd, on_readable)
+        timer, v, size, pending = self.recorder.timer, self._views, _READY.size, b""
         try:
             while True:
-                message = await ready.get()
-                if message is None:
+                data = await ready.get()
+                if data is None:
                     if limiter.stopped:  # the run is ending: what the worker did no longer matters
                         return
                     self._process.join(timeout=1)
                     raise ActorDied(f"actor {self.index} (pid {self._process.pid}) died "
                                     f"with exit code {self._process.exitcode}")
-                slot, version, env_wait, inference, slot_wait = _READY.unpack(message)
-                n = int(v["sizes"][slot])
-                step = Step(v["obs"][slot, :n], v["rewards"][slot, :n], v["terminated"][slot, :n],
-                            v["truncated"][slot, :n], v["env_ids"][slot, :n])
-                extras = {k: v[f"extra_{k}"][slot, :n] for k in self._extras} if self._extras else None
-                state = {k: v[f"state_{k}"][slot, :n] for k in self._states} if self._states else None
-                await self.ingest(limiter, step, v["actions"][slot, :n], extras, version, state)
-                self._rng = v["rng"][slot].copy()
-                self._send(struct.pack("<i", slot))
-                self._control[_ENV_STEPS] = self.recorder.env_steps
-                timer.add("actor_env_wait", env_wait)
-                timer.add("actor_inference", inference)
-                timer.add("actor_slot_wait", slot_wait)
-                if on_steps():
-                    return
+                pending += data
+                whole = len(pending) - len(pending) % size
+                for record in _READY.iter_unpack(pending[:whole]):
+                    await self._take(record, limiter, ctl, timer, v)
+                    if on_steps():
+                        return
+                pending = pending[whole:]
         except LimiterStopped:
             return
         finally:
-            loop.remove_reader(self._conn.fileno())
+            loop.remove_reader(fd)
+
+    async def _take(self, record: tuple, limiter: RateLimiter, ctl: np.ndarray, timer, v) -> None:
+        """One batch the worker wrote: room under the gate, publish, count, give its slot back."""
+        slot, version, env_wait, inference, slot_wait, written, steps, ended, zeroed, full = record
+        if slot == _FAILED:
+            raise RunError(bytes(v["error"]).rstrip(b"\0").decode(errors="replace"))
+        t0 = time.perf_counter()
+        if written:
+            await limiter.await_insert(written)
+        t1 = time.perf_counter()
+        if written:
+            self._writer.publish(slot, written)
+        if ended:
+            self.count(Counted(steps, v["returns"][slot, :ended], v["lengths"][slot, :ended]))
+        else:
+            self.recorder.env_steps += steps
+        if zeroed:
+            self.count_nonfinite(zeroed)
+        self.weight_version = version
+        self._rng = v["rng"][slot].copy()
+        ctl[_TAKEN] += 1
+        ctl[_ENV_STEPS] = self.recorder.env_steps
+        if full:  # it waits for a slot: this one
+            self._send(struct.pack("<i", _WAKE))
+        timer.add("insert_wait", t1 - t0)
+        timer.add("insert", time.perf_counter() - t1)
+        timer.add("actor_env_wait", env_wait)
+        timer.add("actor_inference", inference)
+        timer.add("actor_slot_wait", slot_wait)
 
     def _send(self, message: bytes) -> None:
         try:

@@ -33,14 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncrl.acting import PolicyStep
+from asyncrl.acting import Acted, PolicyStep, pack_rng_state, unpack_rng_state
 from asyncrl.actor import ActorBase
 from asyncrl.config import ConfigError, RayConfig
 from asyncrl.core import EnvSpec
 from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
-from asyncrl.process_actor import pack_rng_state, unpack_rng_state, write_batch
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.weights import WeightStore
 
@@ -62,6 +61,26 @@ def _last_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(cause).__name__
+
+
+def write_batch(views: dict[str, np.ndarray], slot: int, step: Step, acted: Acted) -> int:
+    """Write one batch into slot ``slot`` of ``views`` (the arrays a call returns, a slot per
+    leading index): what the env returned, the actions chosen with their extras and the
+    actor state each saw, then the batch's size, last. Returns the size. A remote actor
+    fills its answer with it."""
+    n = len(step.env_ids)
+    views["obs"][slot, :n] = step.obs
+    views["rewards"][slot, :n] = step.rewards
+    views["terminated"][slot, :n] = step.terminated
+    views["truncated"][slot, :n] = step.truncated
+    views["env_ids"][slot, :n] = step.env_ids
+    views["actions"][slot, :n] = acted.actions
+    for name, value in acted.extras.items():
+        views[f"extra_{name}"][slot, :n] = value
+    for name, value in acted.state.items():
+        views[f"state_{name}"][slot, :n] = value
+    views["sizes"][slot] = n
+    return n
 
 
 class RemoteActor:
@@ -306,9 +325,7 @@ class RayActor(ActorBase):
         # Its envs start afresh: no transition links an observation from before the death to one
         # after it, and the partial episodes are not counted.
         self.adder.reset()
-        self._after_end[:] = True
-        self._ep_return[:] = 0.0
-        self._ep_length[:] = 0
+        self.episodes.reset()
         log.warning("remote actor %d (pid %s) died (%s); Ray restarts it (%d so far)",
                     self.index, self.pid, type(exc).__name__, self.restarts)
         cfg = self.backend.config

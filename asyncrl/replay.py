@@ -6,8 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
+from asyncrl.shm import Arrays
 from asyncrl.sumtree import SumTree
+
+
+def write_steps(arrays: dict[str, np.ndarray], streams: np.ndarray, positions: np.ndarray,
+                stream_capacity: int, fields: dict[str, np.ndarray]) -> None:
+    """Write one step at ``positions`` of each of ``streams`` into a ring store's ``arrays`` (by
+    name), and the position itself: the one copy of a step into a store, whether the loop
+    inserts it or an actor's worker process writes it ahead of publication
+    (:class:`~asyncrl.writers.StreamWriter`)."""
+    cols = positions % stream_capacity
+    for name, value in fields.items():
+        arrays[name][streams, cols] = value
+    arrays["positions"][streams, cols] = positions
 
 
 class Replay:
@@ -22,10 +36,16 @@ class Replay:
 
     Slots are addressed by stream and *position*, the stream's unwrapped count of steps written
     before it; position p lives in column ``p % stream_capacity``.
+
+    ``shared``: the arrays live in shared memory, where actors' worker processes write their
+    steps up to ``writers_ahead`` positions ahead of each stream's published head; the loop
+    then only :meth:`publish` es them (counters and sum-tree leaves). Those columns are kept
+    out of sampling until written and published.
     """
 
     _ARRAYS = ("obs", "actions", "rewards", "terminated", "truncated", "applied", "positions",
                "head")
+    _STEP_FIELDS = ("obs", "actions", "rewards", "terminated", "truncated", "applied")
 
     def __init__(
         self,
@@ -40,16 +60,20 @@ class Replay:
         priority_exponent: float = 0.0,
         priority_eps: float = 1e-6,
         seed: int | None = None,
+        shared: bool = False,
+        writers_ahead: int = 0,
     ):
         if num_streams < 1 or n_step < 1:
             raise ValueError(
                 f"need num_streams >= 1 and n_step >= 1, got {num_streams} and {n_step}")
         per_stream = capacity // num_streams
-        if per_stream < n_step + 2:
+        least = n_step + 2 + writers_ahead  # the columns writers may fill ahead are not sampled
+        if per_stream < least:
+            ahead = f" with actors writing {writers_ahead} steps ahead" if writers_ahead else ""
             raise ValueError(
                 f"replay capacity {capacity} split over {num_streams} env streams leaves "
-                f"{per_stream} slots per stream; {n_step}-step returns need at least "
-                f"{n_step + 2}, so use a capacity of at least {num_streams * (n_step + 2)}")
+                f"{per_stream} slots per stream; {n_step}-step returns{ahead} need at least "
+                f"{least}, so use a capacity of at least {num_streams * least}")
         if priority_exponent < 0 or priority_eps <= 0:
             raise ValueError(f"need priority_exponent >= 0 and priority_eps > 0, got "
                              f"{priority_exponent} and {priority_eps}")
@@ -59,16 +83,19 @@ class Replay:
         self.gamma = gamma
         self.priority_exponent = priority_exponent
         self.priority_eps = priority_eps
+        self.writers_ahead = writers_ahead
         slots = (num_streams, per_stream)
-        # np.zeros leaves pages untouched until written: a large ring costs memory as it fills.
-        self.obs = np.zeros(slots + tuple(obs_shape), obs_dtype)
-        self.actions = np.zeros(slots + tuple(action_shape), action_dtype)
-        self.rewards = np.zeros(slots, np.float32)
-        self.terminated = np.zeros(slots, bool)
-        self.truncated = np.zeros(slots, bool)
-        self.applied = np.zeros(slots, bool)
-        self.positions = np.full(slots, -1, np.int64)  # tells a sampled key from a slot's new owner
-        self.head = np.zeros(num_streams, np.int64)  # steps written per stream, unwrapped
+        # Zeros leave pages untouched until written: a large ring costs memory as it fills.
+        self._arrays = arrays = Arrays(shared)
+        self.obs = arrays.zeros("obs", slots + tuple(obs_shape), obs_dtype)
+        self.actions = arrays.zeros("actions", slots + tuple(action_shape), action_dtype)
+        self.rewards = arrays.zeros("rewards", slots, np.float32)
+        self.terminated = arrays.zeros("terminated", slots, bool)
+        self.truncated = arrays.zeros("truncated", slots, bool)
+        self.applied = arrays.zeros("applied", slots, bool)
+        self.positions = arrays.zeros("positions", slots, np.int64)  # tells a sampled key from a slot's new owner
+        self.positions[...] = -1
+        self.head = arrays.zeros("head", (num_streams,), np.int64)  # steps published per stream, unwrapped
         self.max_priority = 1.0  # what new transitions get, so each is likely sampled at least once
         # Prioritised: a sum-tree. Uniform: only which slots are sampleable, drawn by rejection
         # within each stream's filled columns (a tree's upkeep and descent cost ~10x more).
@@ -137,30 +164,57 @@ class Replay:
             missing -= len(leaves)
         return np.concatenate(found)
 
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """The shared-memory tensors behind the arrays, by name (for the worker processes that
+        write into them; empty unless made ``shared``)."""
+        return self._arrays.tensors()
+
     def insert(self, streams, obs, actions, rewards, terminated, truncated, applied) -> None:
-        """Write one step at the head of each of ``streams`` (distinct); the other arguments are
-        batch-aligned with ``streams``."""
+        """Write one step at the head of each of ``streams`` (distinct) and publish it; the
+        other arguments are batch-aligned with ``streams``."""
+        streams = np.asarray(streams, np.int64)
+        fields = dict(obs=obs, actions=actions, rewards=rewards, terminated=terminated,
+                      truncated=truncated, applied=applied)
+        write_steps(vars(self), streams, self.head[streams], self.stream_capacity, fields)
+        self.publish(streams)
+
+    def publish(self, streams) -> None:
+        """Make the step written at the head of each of ``streams`` (distinct) part of the
+        replay: one vectorised call for a batch, whoever wrote the steps."""
         streams = np.asarray(streams, np.int64)
         written = self.head[streams]
-        cols = written % self.stream_capacity
-        self.obs[streams, cols] = obs
-        self.actions[streams, cols] = actions
-        self.rewards[streams, cols] = rewards
-        self.terminated[streams, cols] = terminated
-        self.truncated[streams, cols] = truncated
-        self.applied[streams, cols] = applied
-        self.positions[streams, cols] = written
         self.head[streams] = written + 1
-        # The new step needs n_step successors before it can be sampled; the step n_step back
-        # has just got its last one.
+        # Out of sampling: the column a writer may fill next (the one just written, when the
+        # writer is this call's caller). The new step needs n_step successors before it can be
+        # sampled; the step n_step back has just got its last one (if the stream is that long).
+        capacity = self.stream_capacity
+        first = streams * capacity
+        taken = first + (written + self.writers_ahead) % capacity
         ready = written - self.n_step
-        ready_streams, ready = streams[ready >= 0], ready[ready >= 0]
-        ready_cols = ready % self.stream_capacity
-        ready_values = np.where(self.applied[ready_streams, ready_cols],
-                                self.max_priority ** self.priority_exponent, 0.0)
-        self._set_leaves(
-            np.concatenate([self._leaf(streams, cols), self._leaf(ready_streams, ready_cols)]),
-            np.concatenate([np.zeros(len(streams)), ready_values]))
+        if ready.min(initial=0) < 0:
+            first, ready = first[ready >= 0], ready[ready >= 0]
+        ready = first + ready % capacity
+        applied = self._flat["applied"][ready]
+        if self._tree is not None:
+            self._tree.update(np.concatenate([taken, ready]), np.concatenate(
+                [np.zeros(len(taken)), np.where(applied, self.max_priority ** self.priority_exponent, 0.0)]))
+            return
+        sampleable = self._sampleable  # the two sets of leaves are distinct (see __init__'s check)
+        self._num_sampleable -= int(np.count_nonzero(sampleable[taken])) + int(np.count_nonzero(sampleable[ready]))
+        sampleable[taken] = False
+        sampleable[ready] = applied
+        self._num_sampleable += int(np.count_nonzero(applied))
+
+    def open_streams(self, streams) -> None:
+        """Before a writer in another process takes ``streams`` over: :meth:`cut` them, and take
+        the columns it may fill before its first step is published out of sampling."""
+        streams = np.asarray(streams, np.int64)
+        self.cut(streams)
+        if self.writers_ahead:
+            positions = self.head[streams, None] + np.arange(self.writers_ahead)
+            cols = positions % self.stream_capacity
+            leaves = self._leaf(np.broadcast_to(streams[:, None], cols.shape), cols).ravel()
+            self._set_leaves(leaves, np.zeros(len(leaves)))
 
     def cut(self, streams) -> None:
         """Mark the last step of each stream as never applied: its successor will never be
@@ -241,6 +295,8 @@ class Replay:
         one would have drawn next. The large arrays are views, not copies (a full Atari replay
         is tens of GB): serialise the dict before inserting again."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
+        if self.writers_ahead:  # slots written ahead of publication are not part of the replay yet
+            state["positions"] = np.where(self.positions >= self.head[:, None], -1, self.positions)
         state["priorities"] = (self._tree.get(np.arange(self.capacity)) if self._tree is not None
                                else self._sampleable.astype(np.float64))
         state["max_priority"] = self.max_priority

@@ -65,6 +65,12 @@ class RolloutQueue:
 
     # --- state ----------------------------------------------------------------------------------
 
+    def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """One trajectory's fields (shape and dtype), the extras as ``extras/<name>``: what
+        :meth:`put` takes."""
+        arrays = {**self._fields, **{f"extras/{k}": v for k, v in self._extras.items()}}
+        return {name: (array.shape[1:], array.dtype) for name, array in arrays.items()}
+
     @property
     def size(self) -> int:
         return self._count

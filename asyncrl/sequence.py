@@ -19,6 +19,8 @@ import numpy as np
 from asyncrl.acting import Acted
 from asyncrl.adders import NStepAdder
 from asyncrl.core import StateSpec
+from asyncrl.replay import write_steps
+from asyncrl.shm import Arrays
 from asyncrl.sumtree import SumTree
 
 
@@ -39,6 +41,9 @@ class SequenceReplay:
 
     Keys (for :meth:`update_priorities`) are ``start_position * num_streams + stream``, where a
     position is the stream's unwrapped count of steps written before the slot.
+
+    ``shared`` and ``writers_ahead`` as for :class:`~asyncrl.replay.Replay` (at most
+    ``length - 1``: a sequence leaves the tree that long before its slots are overwritten).
     """
 
     _ARRAYS = ("obs", "actions", "rewards", "terminated", "truncated", "applied", "positions",
@@ -47,7 +52,8 @@ class SequenceReplay:
     def __init__(self, capacity: int, num_streams: int, obs_shape: tuple[int, ...], obs_dtype: np.dtype,
                  action_shape: tuple[int, ...], action_dtype: np.dtype, length: int, period: int,
                  state_spec: StateSpec | None = None, priority_exponent: float = 0.0,
-                 priority_eps: float = 1e-6, seed: int | None = None):
+                 priority_eps: float = 1e-6, seed: int | None = None, shared: bool = False,
+                 writers_ahead: int = 0):
         if num_streams < 1 or length < 2 or not 1 <= period <= length:
             raise ValueError(f"need num_streams >= 1, length >= 2 and 1 <= period <= length, got "
                              f"{num_streams}, {length} and {period}")
@@ -60,21 +66,27 @@ class SequenceReplay:
         if priority_exponent < 0 or priority_eps <= 0:
             raise ValueError(f"need priority_exponent >= 0 and priority_eps > 0, got "
                              f"{priority_exponent} and {priority_eps}")
+        if writers_ahead >= length:
+            raise ValueError(f"sequences of {length} steps allow writers at most {length - 1} "
+                             f"steps ahead, not {writers_ahead}")
         self.num_streams, self.stream_capacity = num_streams, per_stream
+        self.writers_ahead = writers_ahead
         self.length, self.period = length, period
         self.priority_exponent, self.priority_eps = priority_exponent, priority_eps
         slots = (num_streams, per_stream)
-        self.obs = np.zeros(slots + tuple(obs_shape), obs_dtype)  # pages committed as written
-        self.actions = np.zeros(slots + tuple(action_shape), action_dtype)
-        self.rewards = np.zeros(slots, np.float32)
-        self.terminated = np.zeros(slots, bool)
-        self.truncated = np.zeros(slots, bool)
-        self.applied = np.zeros(slots, bool)
-        self.positions = np.full(slots, -1, np.int64)
+        self._arrays = arrays = Arrays(shared)  # pages committed as written
+        self.obs = arrays.zeros("obs", slots + tuple(obs_shape), obs_dtype)
+        self.actions = arrays.zeros("actions", slots + tuple(action_shape), action_dtype)
+        self.rewards = arrays.zeros("rewards", slots, np.float32)
+        self.terminated = arrays.zeros("terminated", slots, bool)
+        self.truncated = arrays.zeros("truncated", slots, bool)
+        self.applied = arrays.zeros("applied", slots, bool)
+        self.positions = arrays.zeros("positions", slots, np.int64)
+        self.positions[...] = -1
         self.episode_steps = np.zeros(slots, np.int64)
-        self.head = np.zeros(num_streams, np.int64)
+        self.head = arrays.zeros("head", (num_streams,), np.int64)
         self.next_episode_step = np.zeros(num_streams, np.int64)
-        self.states = {name: np.zeros(slots + tuple(shape), dtype)
+        self.states = {name: arrays.zeros(f"state/{name}", slots + tuple(shape), dtype)
                        for name, (shape, dtype) in (state_spec or {}).items()}
         self.max_priority = 1.0
         self._tree = SumTree(num_streams * per_stream)
@@ -102,30 +114,38 @@ class SequenceReplay:
         """Complete sequences that may be drawn."""
         return self._tree.num_nonzero
 
+    def shared_tensors(self) -> dict:
+        """As :meth:`Replay.shared_tensors <asyncrl.replay.Replay.shared_tensors>`; the actor
+        states as ``state/<name>``."""
+        return self._arrays.tensors()
+
     def insert(self, streams, obs, actions, rewards, terminated, truncated, applied,
                state: dict[str, np.ndarray] | None = None) -> None:
-        """Write one step at the head of each of ``streams`` (distinct); the other arguments,
-        ``state``'s arrays included, are batch-aligned with ``streams``."""
+        """Write one step at the head of each of ``streams`` (distinct) and publish it; the
+        other arguments, ``state``'s arrays included, are batch-aligned with ``streams``."""
         streams = np.asarray(streams, np.int64)
-        applied = np.broadcast_to(np.asarray(applied, bool), streams.shape)
+        fields = dict(obs=obs, actions=actions, rewards=rewards, terminated=terminated,
+                      truncated=truncated, applied=applied)
+        fields.update({f"state/{name}": 0 if state is None else state[name] for name in self.states})
+        arrays = {**vars(self), **{f"state/{name}": a for name, a in self.states.items()}}
+        write_steps(arrays, streams, self.head[streams], self.stream_capacity, fields)
+        self.publish(streams)
+
+    def publish(self, streams) -> None:
+        """Make the step written at the head of each of ``streams`` (distinct) part of the
+        replay, opening the sequences it completes: one vectorised call for a batch (and a
+        short loop over the episodes that ended in it), whoever wrote the steps."""
+        streams = np.asarray(streams, np.int64)
         written = self.head[streams]
         cols = written % self.stream_capacity
-        self.obs[streams, cols] = obs
-        self.actions[streams, cols] = actions
-        self.rewards[streams, cols] = rewards
-        self.terminated[streams, cols] = terminated
-        self.truncated[streams, cols] = truncated
-        self.applied[streams, cols] = applied
-        for name, array in self.states.items():
-            array[streams, cols] = 0 if state is None else state[name]
-        self.positions[streams, cols] = written
+        applied = self.applied[streams, cols]
         es = self.next_episode_step[streams]
         self.episode_steps[streams, cols] = es
         self.next_episode_step[streams] = np.where(applied, es + 1, 0)
         self.head[streams] = written + 1
         length = self.length
         # Out of the tree: the slot just written, and the sequence whose window would reach the
-        # slot to be overwritten length - 1 inserts from now.
+        # slot to be overwritten length - 1 inserts from now (writers write at most that far ahead).
         stale = np.concatenate([self._leaf(streams, cols),
                                 self._leaf(streams, (written + length - 1) % self.stream_capacity)])
         # In: the sequence that ends at this slot, and where this slot ends its episode, every
@@ -138,6 +158,11 @@ class SequenceReplay:
             starts.append(p)
             owners.append(np.full(len(p), stream))
         self._open(stale, np.concatenate(owners), np.concatenate(starts))
+
+    def open_streams(self, streams) -> None:
+        """Before a writer in another process takes ``streams`` over: :meth:`cut` them (the
+        sequences its writes could reach are out of the tree already)."""
+        self.cut(streams)
 
     def cut(self, streams) -> None:
         """End each stream's last step: its successor will never be written (its env was reset,
@@ -233,6 +258,8 @@ class SequenceReplay:
         ``max_priority`` and the sampling RNG's state ``rng`` as plain data, as
         :meth:`Replay.state_dict <asyncrl.replay.Replay.state_dict>` has them."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
+        if self.writers_ahead:  # slots written ahead of publication are not part of the replay yet
+            state["positions"] = np.where(self.positions >= self.head[:, None], -1, self.positions)
         state.update({f"state/{name}": array for name, array in self.states.items()})
         state["priorities"] = self._tree.get(np.arange(self.capacity))
         state["max_priority"] = self.max_priority

@@ -5,8 +5,10 @@ them, schedules evaluations and checkpoints, and closes them."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +24,7 @@ from asyncrl.core import Algorithm, EnvSpec, SequenceData, TrajectoryData, actor
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.learner import Learner, QueueDraw, ReplayDraw, pick_device
 from asyncrl.metrics import Recorder
-from asyncrl.process_actor import ProcessActor, start_fork_server
+from asyncrl.process_actor import SLOTS, ProcessActor, start_fork_server
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, min_queue_capacity
@@ -117,14 +119,19 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         require_memory("replay.capacity", f"a replay of {r.capacity} steps", r.capacity * step_bytes)
         require_memory("learner.batch_size", f"drawing {chunk} batches of {batch}",
                        chunk * batch * per_item * step_bytes)
+        # Process actors write their steps into the replay's rings themselves: shared memory.
+        shared = dict(shared=where == "process", writers_ahead=SLOTS if where == "process" else 0)
+        if shared["shared"]:
+            require_shared_memory(r.capacity * step_bytes)
         if isinstance(data, SequenceData):
             replay: Replay | SequenceReplay = SequenceReplay(
                 r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                spec.action_dtype, data.length, data.period, state_spec, priority_exponent=alpha, seed=seed)
+                spec.action_dtype, data.length, data.period, state_spec, priority_exponent=alpha,
+                seed=seed, **shared)
         else:
             replay = Replay(r.capacity, config.num_streams, spec.obs_shape, spec.obs_dtype,
                             spec.action_shape, spec.action_dtype, data.n_step, data.gamma,
-                            priority_exponent=alpha, seed=seed)
+                            priority_exponent=alpha, seed=seed, **shared)
     except BaseException as exc:
         for env in envs:
             env.close()
@@ -139,22 +146,23 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     store = WeightStore.for_module(algo.acting_network)
     store.publish(algo.acting_network)
 
-    def adder(i: int) -> NStepAdder:
+    def adder(i: int) -> Callable[[Any], NStepAdder]:
+        """Actor ``i``'s adder, given the store (or a worker's stand-in for it) to write."""
+        args = dict(streams_offset=i * e.num_envs, num_envs=e.num_envs, obs_shape=spec.obs_shape,
+                    obs_dtype=spec.obs_dtype, action_shape=spec.action_shape, action_dtype=spec.action_dtype)
         if isinstance(replay, SequenceReplay):
-            return SequenceAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
-                                 spec.action_shape, spec.action_dtype, state_spec)
-        return NStepAdder(replay, i * e.num_envs, e.num_envs, spec.obs_shape, spec.obs_dtype,
-                          spec.action_shape, spec.action_dtype)
+            return partial(SequenceAdder, **args, state_spec=state_spec)
+        return partial(NStepAdder, **args)
 
     actors: list[Actor | ProcessActor] = []
     remote = None
     if where == "inline":
-        actors = [Actor(env, algo, store, adder(i), recorder, np.random.default_rng([seed, i]),
+        actors = [Actor(env, algo, store, adder(i)(replay), recorder, np.random.default_rng([seed, i]),
                         config.actors.pull_every) for i, env in enumerate(envs)]
     elif where == "ray":
-        remote, actors = _ray_actors(config, spec, store, env_args, adder, recorder)
+        remote, actors = _ray_actors(config, spec, store, env_args, lambda i: adder(i)(replay), recorder)
     else:
-        actors = _process_actors(config, spec, env_args, store, adder, recorder, state_spec=state_spec)
+        actors = _process_actors(config, env_args, store, replay, adder, recorder)
     _steps_checked(actors, config)
     total = config.train.total_env_steps
     beta0 = r.importance_exponent if r.prioritized else 0.0
@@ -272,9 +280,11 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     store = WeightStore.for_module(algo.acting_network)
     store.publish(algo.acting_network)
 
-    def adder(i: int) -> TrajectoryAdder:
-        return TrajectoryAdder(queue, e.num_envs, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                               spec.action_dtype, data.extras)
+    def adder(i: int) -> Callable[[Any], TrajectoryAdder]:
+        """Actor ``i``'s adder, given the queue (or a worker's stand-in for it) to put into."""
+        return partial(TrajectoryAdder, num_envs=e.num_envs, obs_shape=spec.obs_shape,
+                       obs_dtype=spec.obs_dtype, action_shape=spec.action_shape,
+                       action_dtype=spec.action_dtype, extras=data.extras)
 
     draw = QueueDraw(queue, batch, store, Staging(device), recorder.timer)
     learner = Learner(algo, queue, draw, store, recorder, batch, publish_every,
@@ -284,32 +294,49 @@ def _build_on_policy(config: Config, recorder: Recorder, env_fn: Callable | None
     remote = None
     if where == "inline":
         for i, env in enumerate(envs):
-            actor = OnPolicyActor(env, algo, store, adder(i), recorder, np.random.default_rng([config.train.seed, i]),
+            actor = OnPolicyActor(env, algo, store, adder(i)(queue), recorder, np.random.default_rng([config.train.seed, i]),
                                   config.actors.pull_every, wait_for_learner=data.wait_for_learner)
             if config.train.mode == "serial":
                 actor.learn_now = learner.drain
             actors.append(actor)
     elif where == "ray":
-        remote, actors = _ray_actors(config, spec, store, env_args, adder, recorder, data.extras)
+        remote, actors = _ray_actors(config, spec, store, env_args, lambda i: adder(i)(queue), recorder,
+                                     data.extras)
     else:
-        actors = _process_actors(config, spec, env_args, store, adder, recorder, extras=data.extras)
+        actors = _process_actors(config, env_args, store, queue, adder, recorder)
     _steps_checked(actors, config)
     return Components(config, spec, algo, queue, queue, store, recorder, actors, learner, remote)
 
 
-def _process_actors(config: Config, spec: EnvSpec, env_args: list[dict[str, Any]], store: WeightStore,
-                    adder: Callable, recorder: Recorder, **data: Any) -> list[ProcessActor]:
-    """One worker process per actor; those started are closed if a later one fails to start."""
+def _process_actors(config: Config, env_args: list[dict[str, Any]], store: WeightStore, data: Any,
+                    adder: Callable, recorder: Recorder) -> list[ProcessActor]:
+    """One worker process per actor, writing into ``data`` (the store) through ``adder(i)``;
+    those started are closed if a later one fails to start."""
     actors: list[ProcessActor] = []
     try:
         for i in range(config.actors.num_actors):
-            actors.append(ProcessActor(i, spec, env_args[i], config.algo.name, config.algo.params, store,
-                                       adder(i), recorder, config.train.seed, config.actors.pull_every, **data))
+            actors.append(ProcessActor(i, env_args[i], config.algo.name, config.algo.params, store, data,
+                                       adder(i), i * config.env.num_envs, recorder, config.train.seed,
+                                       config.actors.pull_every))
     except BaseException:
         for actor in actors:
             actor.close()
         raise
     return actors
+
+
+def require_shared_memory(nbytes: int) -> None:
+    """Refuse, in one line, a replay that process actors would write into but that does not fit
+    in the shared-memory filesystem (writing past it kills the processes with SIGBUS)."""
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return  # no /dev/shm to measure (not Linux): torch's allocation says so if need be
+    if nbytes > free:
+        raise ConfigError(f"invalid config: replay.capacity: a replay of {nbytes / 2**30:.1f} GiB does "
+                          f"not fit in shared memory (/dev/shm has {free / 2**30:.1f} GiB free), which "
+                          "process actors write into: lower replay.capacity, or use "
+                          "actors.placement = 'inline'")
 
 
 def _steps_checked(actors: list, config: Config) -> None:

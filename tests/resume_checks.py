@@ -79,12 +79,10 @@ def assert_resumed_from(seen: dict[str, Any], manifest: dict[str, Any], state: d
 
 def one_batch_from_rng_state(c, actor, state: dict, env_steps: int = 50_000
                              ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Give ``actor`` (of the built run ``c``) the RNG ``state`` and a resumed run's env steps, let
-    it take one batch in, and return the actions it chose, those a fresh RNG of that state picks on
-    the same observations at those env steps, and that RNG's state after. The caller closes the
-    actor."""
-    from asyncrl.core import split_actions
-
+    """Give ``actor`` (of the built run ``c``, an actor whose batches the loop ingests) the RNG
+    ``state`` and a resumed run's env steps, let it take one batch in, and return the actions it
+    chose, those a fresh RNG of that state picks on the same observations at those env steps,
+    and that RNG's state after. The caller closes the actor."""
     actor.set_rng_state(state)
     assert actor.rng_state() == state
     c.recorder.env_steps = env_steps  # a resumed run's: its epsilon, not step 0's
@@ -98,8 +96,36 @@ def one_batch_from_rng_state(c, actor, state: dict, env_steps: int = 50_000
     actor.ingest = ingest_and_keep
     asyncio.run(asyncio.wait_for(actor.run(c.limiter, lambda: True), 60))  # one batch in
     (obs, actions), = seen
+    return (actions, *_picked(c, obs, state, env_steps))
+
+
+def first_batch_written_from_rng_state(c, actor, state: dict, env_steps: int = 50_000
+                                       ) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """:func:`one_batch_from_rng_state` for an actor that writes into the replay itself (a
+    process actor, all of its envs in each batch): its first batch's observations and actions
+    are in the replay once the second batch is in. Returns those actions, the fresh RNG's
+    actions and state after the first batch, and the actor's RNG state as of its first batch."""
+    actor.set_rng_state(state)
+    assert actor.rng_state() == state
+    c.recorder.env_steps = env_steps
+    taken = []
+
+    def on_steps() -> bool:
+        taken.append(actor.rng_state())
+        return len(taken) == 2
+
+    asyncio.run(asyncio.wait_for(actor.run(c.limiter, on_steps), 60))
+    streams = actor._streams
+    obs, actions = c.replay.obs[streams, 0], c.replay.actions[streams, 0]
+    return (actions, *_picked(c, obs, state, env_steps), taken[0])
+
+
+def _picked(c, obs: np.ndarray, state: dict, env_steps: int) -> tuple[np.ndarray, dict]:
+    """The actions a fresh RNG of ``state`` picks on ``obs`` at ``env_steps``, and its state after."""
+    from asyncrl.core import split_actions
+
     rng = np.random.default_rng()
     rng.bit_generator.state = copy.deepcopy(state)
     with torch.inference_mode():
         expected, _ = split_actions(c.algo.act(c.algo.acting_network, torch.from_numpy(obs), env_steps, rng))
-    return actions, expected, rng.bit_generator.state
+    return expected, rng.bit_generator.state
