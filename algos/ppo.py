@@ -9,11 +9,13 @@ every rollout comes from the current policy (policy lag 0), as PPO assumes.
 Episode boundaries (EnvPool's "next step" auto-reset): a row whose observation was an episode's
 final one is not ``applied`` and is masked out; GAE never carries across an episode end; a
 terminated episode bootstraps with 0, a truncated one with the value of its final observation.
+
+What PPO shares with IMPALA (the learner base with its annealed Adam and checkpoint state, the
+policy's log-probabilities and entropy, action sampling) lives in ``algos/actor_critic.py``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
@@ -22,6 +24,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.func import functional_call, grad
 
+from algos.actor_critic import ActorCriticLearner, log_prob_entropy, log_prob_entropy_of
 from algos.functional import CompiledStep, adam_state, clip_and_adam_, template
 from algos.nets import ActorCritic, Widths
 from asyncrl.config import ConfigModel
@@ -72,48 +75,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, t
         carry = deltas[t] + gamma * lam * continues[t] * carry
         advantages[t] = carry
     return advantages * applied
-
-
-def log_prob_entropy(net: ActorCritic, params: torch.Tensor, actions: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of ``actions`` and the entropy, from logits or a Gaussian mean."""
-    return _log_prob_entropy(net.log_std, params, actions)
-
-
-def _log_prob_entropy(log_std: torch.Tensor | None, params: torch.Tensor, actions: torch.Tensor,
-                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if log_std is None:
-        log_probs = torch.log_softmax(params, dim=-1)
-        chosen = log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-        return chosen, -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    log_std = log_std.expand_as(params)
-    z = (actions - params) / log_std.exp()
-    log_prob = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1)
-    return log_prob, entropy
-
-
-@torch.no_grad()
-def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.random.Generator,
-                   greedy: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Actions from the policy with the actor's own generator, and their behaviour log-probs
-    (continuous: also the unclipped sample, which the log-prob belongs to)."""
-    params = net.policy(obs)
-    if net.log_std is None:
-        if greedy:
-            choice = params.argmax(-1)
-        else:  # Gumbel-max: a categorical sample from numpy's generator
-            noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32))
-            choice = (params + noise).argmax(-1)
-        log_prob, _ = _log_prob_entropy(net.log_std, params, choice, with_entropy=False)  # no entropy needed
-        return choice.numpy(), {"log_prob": log_prob.numpy()}
-    raw = params
-    if not greedy:
-        noise = torch.from_numpy(rng.standard_normal(params.shape).astype(np.float32))
-        raw = params + net.log_std.exp() * noise
-    log_prob, _ = log_prob_entropy(net, params, raw)
-    actions = np.clip(raw.numpy(), spec.action_low, spec.action_high)
-    return actions, {"log_prob": log_prob.numpy(), "raw_action": raw.numpy()}
 
 
 class LossSettings(NamedTuple):
@@ -189,7 +150,7 @@ def _gradient_step(spec: EnvSpec, config: PPOConfig) -> Callable:
         def total_loss(ps: list[torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
             bound = dict(zip(names, ps))
             head, value = functional_call(net, bound, (obs,))
-            log_prob, entropy = _log_prob_entropy(bound.get("log_std"), head, actions)
+            log_prob, entropy = log_prob_entropy_of(bound.get("log_std"), head, actions)
             loss, stats = clipped_losses(settings, value, log_prob, entropy, old_log_probs, advantages,
                                          returns, old_values, weights)
             return loss, stats()
@@ -202,56 +163,6 @@ def _gradient_step(spec: EnvSpec, config: PPOConfig) -> Callable:
 
 
 # --- the algorithm ----------------------------------------------------------------------------
-
-
-class ActorCriticLearner:
-    """What PPO and IMPALA share: one :class:`ActorCritic` trained by one Adam whose learning
-    rate anneals linearly to 0 over ``anneal_env_steps`` env steps learned from (0 or None:
-    constant; a run resolves None to its budget before building the algorithm),
-    acting by sampling the policy, and the state a checkpoint holds."""
-
-    def __init__(self, spec: EnvSpec, config: Any, device: torch.device):
-        self.spec, self.config, self.device = spec, config, device
-        self.net = self.make_acting_network().to(device)
-        self._params = list(self.net.parameters())
-        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=1e-5, fused=True)
-        self.updates = 0
-        self.env_steps = 0  # learned from: drives the learning-rate schedule
-
-    @property
-    def acting_network(self) -> nn.Module:
-        return self.net
-
-    def make_acting_network(self) -> ActorCritic:
-        s = self.spec
-        action_dim = s.action_shape[0] if s.action_kind == "continuous" else 0
-        return ActorCritic(s.obs_shape, s.num_actions, action_dim, self.config.hidden,
-                           self.config.init_log_std if action_dim else 0.0)
-
-    def act(self, network: nn.Module, obs: torch.Tensor, env_steps: int, rng: np.random.Generator,
-            greedy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return sample_actions(network, self.spec, obs, rng, greedy)
-
-    def learning_rate(self) -> float:
-        c = self.config
-        if not c.anneal_env_steps:
-            return c.lr
-        return c.lr * max(0.0, 1.0 - self.env_steps / c.anneal_env_steps)
-
-    def learned_from(self, env_steps: int) -> None:
-        """Count ``env_steps`` more transitions learnt from and set the annealed learning rate."""
-        self.env_steps += env_steps
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "updates": self.updates, "env_steps": self.env_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.updates, self.env_steps = int(state["updates"]), int(state["env_steps"])
 
 
 class PPO(ActorCriticLearner):
