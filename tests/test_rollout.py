@@ -11,6 +11,7 @@ import torch
 
 from algos.impala import vtrace
 from algos.ppo import gae
+from asyncrl.acting import Acted
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.rollout import RolloutQueue, TrajectoryAdder, min_queue_capacity
 
@@ -155,7 +156,8 @@ def feed(adder, queue, ids, obs, reward=0.0, term=(), trunc=(), version=1):
     done = adder.observe(ids, np.full((n, 1), obs, np.float32), np.full(n, reward, np.float32),
                          terminated, truncated)
     assert done == pending
-    adder.record_actions(ids, np.full(n, obs, np.int64), {"log_prob": np.full(n, -obs, np.float32)}, version)
+    adder.record_actions(ids, Acted(np.full(n, obs, np.int64), {"log_prob": np.full(n, -obs, np.float32)},
+                                    {}, version))
 
 
 def take_all(queue):
@@ -217,7 +219,7 @@ def test_adder_insists_on_the_calling_order():
     with pytest.raises(RuntimeError, match="record_actions"):
         adder.observe([0], np.zeros((1, 1)), np.zeros(1), np.zeros(1, bool), np.zeros(1, bool))
     with pytest.raises(RuntimeError, match="observe"):
-        adder.record_actions([1], np.zeros(1, np.int64), {"log_prob": np.zeros(1)}, 0)
+        adder.record_actions([1], Acted(np.zeros(1, np.int64), {"log_prob": np.zeros(1)}, {}, 0))
 
 
 # --- the queue ---------------------------------------------------------------------------------

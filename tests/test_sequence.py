@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from asyncrl.actor import EnvStates
+from asyncrl.acting import Acted, EnvStates
 from asyncrl.sequence import SequenceAdder, SequenceReplay
 
 STATE = {"h": ((3,), np.dtype(np.float32))}
@@ -180,14 +180,14 @@ def test_adder_stores_the_state_each_action_was_chosen_with():
         adder.observe(ids, np.array(obs)[:, None], np.ones(2), np.array(done), np.zeros(2, bool))
         states.reset(ids[after_end])
         before = states.get(ids)
-        adder.record_actions(ids, np.zeros(2, np.int64), state=before)
+        adder.record_actions(ids, Acted(np.zeros(2, np.int64), {}, before, 0))
         states.set(ids, {"h": before["h"] + 1})  # the "network" counts the steps of an episode
         after_end = np.array(done)
     # stream 1: its episode 10, 11(final obs) then a new one 12, 13: states restart from 0 there
     np.testing.assert_array_equal(r.states["h"][1, :4, 0], [0, 1, 0, 1])
     np.testing.assert_array_equal(r.states["h"][0, :4, 0], [0, 1, 2, 3])
     with pytest.raises(RuntimeError, match="actor state"):
-        adder.record_actions([0], [0])
+        adder.record_actions([0], Acted(np.zeros(1, np.int64), {}, {}, 0))
 
 
 def lockstep(r: SequenceReplay, steps: int) -> None:
