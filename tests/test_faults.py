@@ -20,6 +20,7 @@ from algos.dqn import DQN
 from asyncrl import ConfigError, RunError, Trainer, checkpoint
 from asyncrl.envs import make_env
 from asyncrl.faults import NonFiniteGuard
+from asyncrl.learner import Learner
 from asyncrl.metrics import read_jsonl
 
 from test_trainer import SHORT
@@ -132,10 +133,24 @@ def test_a_batch_with_nan_rewards_leaves_dqn_as_it_was():
 
 def test_nonfinite_updates_are_skipped_counted_and_kept_out_of_the_weights(tmp_path, monkeypatch):
     poison_updates(monkeypatch, lambda i: i % 5 == 0)
+    # The rows hold only the losses current at each log step (every 500 env steps), which a bad
+    # update rarely is: also read the losses the learner reports after every chunk (one update
+    # each in serial mode), which a bad update's would be if the guard let it through.
+    reported, chunk = [], Learner._update
+
+    def watched(self, batches):
+        out = chunk(self, batches)
+        if "td_loss" in self.recorder.losses:
+            reported.append(float(self.recorder.losses["td_loss"]))
+        return out
+
+    monkeypatch.setattr(Learner, "_update", watched)
     result = run(Trainer.from_algo("dqn", overrides=SERIAL, run_dir=tmp_path))
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     skipped = rows[-1]["charts/skipped_updates"]
     assert skipped > 0 and result["updates"] > skipped
+    assert all(math.isfinite(loss) for loss in reported)
+    assert len(reported) == result["updates"] + skipped  # a chunk per update, bad ones too
     losses = [r["losses/td_loss"] for r in rows if "losses/td_loss" in r]
     assert losses and all(loss is not None and math.isfinite(loss) for loss in losses)
     for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
