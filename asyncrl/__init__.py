@@ -17,14 +17,29 @@ The public API::
     policy = load_policy(result["run_dir"])      # later: a run's checkpoint, without envs or replay
 
 Embedded, a trainer installs no signal handlers and no event-loop policy and prints nothing to
-stdout; cancelling the task that awaits ``run()`` ends it with a final checkpoint.
+stdout; cancelling the task that awaits ``run()`` ends it with a final checkpoint. Import
+``Trainer`` before your event loop starts (at the top of the script, as above): that import
+brings what every run needs (EnvPool, torch's compiler stack; seconds, holding the GIL), so
+``run()`` does not import it while your loop runs.
 """
+
+from typing import Any
 
 from asyncrl.config import Config, ConfigError, build_config
 from asyncrl.faults import RunError
 from asyncrl.policy import Policy, load_policy
 from asyncrl.stream import MetricStream
-from asyncrl.trainer import Trainer
+
+
+def __getattr__(name: str) -> Any:
+    # Trainer at first use: its module imports what a run needs (seconds), which the CLI's
+    # --help, plot or eval, and a script that only loads a policy, need not wait for.
+    if name == "Trainer":
+        from asyncrl.trainer import Trainer
+
+        globals()["Trainer"] = Trainer
+        return Trainer
+    raise AttributeError(f"module 'asyncrl' has no attribute {name!r}")
 
 __all__ = ["Config", "ConfigError", "MetricStream", "Policy", "RunError", "Trainer", "build_config",
            "load_policy"]

@@ -1,12 +1,15 @@
 """A run's state as a checkpoint holds it, and back: :func:`snapshot` takes it from a built run
 (counters, config, every actor's RNG, the algorithm's tensors and, when asked, the replay's
 arrays and the limiter's counts); :func:`restore` puts a checkpoint into a freshly built run,
-raising when it does not fit, so that :func:`asyncrl.checkpoint.load_latest` passes it over.
-The files themselves are :mod:`asyncrl.checkpoint`'s."""
+raising when it does not fit, so that :func:`asyncrl.checkpoint.load_latest` passes it over;
+:class:`Checkpoints` writes a run's checkpoints as the trainer schedules them. The files
+themselves are :mod:`asyncrl.checkpoint`'s."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,12 @@ import numpy as np
 import torch
 
 from asyncrl import checkpoint
+from asyncrl.faults import RunError
 from asyncrl.policy import spec_to_dict
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.wiring import Components
+
+log = logging.getLogger("asyncrl")
 
 # train.replay_checkpoint_every = None saves a replay up to this size with every checkpoint.
 AUTO_REPLAY_CHECKPOINT_BYTES = 512 * 2**20
@@ -77,6 +83,72 @@ def restore(c: Components, path: Path, manifest: dict[str, Any], state: dict[str
     c.recorder.resume_at(manifest["env_steps"], manifest["updates"], manifest["episodes"], manifest["wall_s"])
     c.store.publish(c.algo.acting_network)
     return replay is not None
+
+
+class Checkpoints:
+    """A run's checkpoints in ``directory``: which carry the replay (every
+    :func:`replay_checkpoint_every`-th, and the final one), a failed write logged while training
+    goes on, a final one that must be written, and resuming from the newest that fits."""
+
+    def __init__(self, c: Components, directory: Path) -> None:
+        self.c, self.directory = c, directory
+        self.replay_every = replay_checkpoint_every(c)
+        self._since_replay = 0
+        self.last_step = -1  # env steps of the newest checkpoint this run wrote or resumed from
+        self.error = ""  # why the last write failed
+        self.restored_replay = False
+
+    def resume(self) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+        """Restore the newest checkpoint that loads and fits this run; None when there is none."""
+        restored = checkpoint.load_latest(self.directory, accept=self._restore)
+        if restored:
+            self.last_step = self.c.recorder.env_steps
+        return restored
+
+    def _restore(self, path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
+        self.restored_replay = restore(self.c, path, manifest, state, bool(self.replay_every))
+
+    def snapshot(self, final: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """What the next checkpoint holds, taken between updates. A resumed run continues from
+        the final checkpoint: it carries the replay whenever any checkpoint may."""
+        due = bool(self.replay_every) and (final or self._since_replay + 1 >= self.replay_every)
+        return snapshot(self.c, with_replay=due)
+
+    def save(self, manifest: dict[str, Any], state: dict[str, Any], replay: dict[str, Any] | None) -> bool:
+        """Write a snapshot (on the I/O thread). False when the write failed (a full disk, no
+        permission): the previous checkpoint stays as it was and training goes on; the next
+        checkpoint tries again."""
+        t0 = time.perf_counter()
+        try:
+            path = checkpoint.save(self.directory, manifest["env_steps"], manifest, state,
+                                   self.c.config.train.keep_checkpoints, replay=replay)
+        except OSError as exc:
+            self.error = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            log.error("checkpoint at %d env steps failed (%s); the previous one is kept and "
+                      "training goes on", manifest["env_steps"], self.error)
+            return False
+        self.last_step = manifest["env_steps"]
+        if replay is None:
+            self._since_replay += 1
+            log.info("checkpoint %s", path)
+        else:
+            self._since_replay = 0
+            size = sum(v.nbytes for v in replay.values() if isinstance(v, np.ndarray))
+            log.info("checkpoint %s (with the replay: %.1f MB in %.2f s)", path, size / 1e6,
+                     time.perf_counter() - t0)
+        return True
+
+    def save_now(self, final: bool = False) -> bool:
+        """Snapshot and write at once: serial mode, and after every task has ended."""
+        return self.save(*self.snapshot(final))
+
+    def final(self) -> None:
+        """The final checkpoint, unless the newest one is already at this step; raises when it
+        cannot be written."""
+        if self.last_step != self.c.recorder.env_steps and not self.save_now(final=True):
+            kept = checkpoint.checkpoints(self.directory)
+            raise RunError(f"the final checkpoint could not be written ({self.error}); "
+                           + (f"the newest on disk is {kept[0]}" if kept else "no checkpoint on disk"))
 
 
 def to_cpu(state: Any) -> Any:

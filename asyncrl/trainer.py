@@ -1,6 +1,6 @@
 """The trainer: one task group that owns every part :func:`asyncrl.wiring.build` makes (actors, the
-learner) and schedules evaluations and checkpoints (:mod:`asyncrl.runstate` takes and restores
-the state they hold). ``Trainer.run()`` is awaited in the caller's event loop;
+learner) and schedules evaluations (:mod:`asyncrl.evaluator`) and checkpoints
+(:mod:`asyncrl.runstate`). ``Trainer.run()`` is awaited in the caller's event loop;
 ``Trainer.stop()`` ends the run cleanly (final evaluation and checkpoint); cancelling the task
 that awaits ``run()`` ends it too, with the same cleanup."""
 
@@ -9,21 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
+import torch._dynamo  # noqa: F401 (imported with this module, as EnvPool is below)
 
 from asyncrl import checkpoint, registry, runstate
 from asyncrl.actor import Actor
-from asyncrl.config import EVAL_SEED_OFFSET, Config, ConfigError
-from asyncrl.core import acting_copy
-from asyncrl.envs import VecEnv, make_env
-from asyncrl.evaluation import evaluate
+from asyncrl.config import Config, ConfigError
+from asyncrl.envs_envpool import envpool_module
+from asyncrl.evaluator import Evaluator
 from asyncrl.faults import RunError
 from asyncrl.learner import QueueDraw, run_to_completion
 from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink, truncate_jsonl
@@ -34,6 +32,14 @@ from asyncrl.wiring import Components, build, default_run_dir
 __all__ = ["Trainer", "Components", "build"]
 
 log = logging.getLogger("asyncrl")
+
+# What every run imports, imported with this module instead: before a host's event loop runs
+# (``from asyncrl import Trainer``), not by run() on its I/O thread, where unmarshalling these
+# modules and initialising their C extensions hold the GIL for up to ~200 ms at a time (the
+# host's loop waited that long, three times per start). make_env asks EnvPool's catalogue;
+# torch.optim's first step imports torch._dynamo (sympy and torch.distributed with it). Seconds,
+# which every run pays anyway; the CLI imports this module only to run.
+envpool_module()
 
 
 class Trainer:
@@ -51,8 +57,6 @@ class Trainer:
         self._streams: list[MetricStream] = []
         self._live_recorder: Recorder | None = None
         self._ended = False
-        self._ckpt_error = ""
-        self._restored_replay = False
 
     @classmethod
     def from_algo(cls, algo: str = "dqn", *, env: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -108,8 +112,7 @@ class Trainer:
         threads_before = torch.get_num_threads()
         torch.set_num_threads(self.config.learner.torch_threads)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="asyncrl-io")
-        self._eval_env: VecEnv | None = None
-        self._eval_net: torch.nn.Module | None = None
+        self._evals: Evaluator | None = None
         try:
             # Start-up takes seconds (imports, the env probe, worker processes, networks, a
             # checkpoint to restore): on the I/O thread, so that a host's event loop goes on.
@@ -121,7 +124,6 @@ class Trainer:
             recorder.counter_probe = self.counters
             self._next_eval = (recorder.env_steps // t.eval_every + 1) * t.eval_every
             self._next_ckpt = (recorder.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
-            self._last_eval_version = -1
             self._eval_due, self._ckpt_due = asyncio.Event(), asyncio.Event()
             log.info("run directory %s", self.run_dir)
             try:
@@ -130,7 +132,7 @@ class Trainer:
             except asyncio.CancelledError:
                 # Every task has ended (the task group waited for them): the state is consistent.
                 try:
-                    await self._off_loop(self._final_checkpoint)
+                    await self._off_loop(self._ckpts.final)
                 except RunError as exc:
                     log.error("%s", exc)
                 raise
@@ -167,11 +169,9 @@ class Trainer:
             self._refuse_used_run_dir()
         # Envs and networks first: a bad env id or config leaves no run directory behind.
         self.c = c = build(self.config, recorder, self._env_fn)
-        self._replay_every = runstate.replay_checkpoint_every(c)
-        self._ckpts_since_replay = 0
-        restored = None
-        if self.resume:
-            restored = checkpoint.load_latest(ckpt_dir, accept=self._restore)
+        self._evals = Evaluator(c, self._env_fn)
+        self._ckpts = runstate.Checkpoints(c, ckpt_dir)
+        restored = self._ckpts.resume() if self.resume else None
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
@@ -186,10 +186,9 @@ class Trainer:
                               f"{exc.strerror or exc}") from None
         if t.tensorboard and TensorBoardSink.available():
             recorder.sinks.append(TensorBoardSink(self.run_dir / "tb"))
-        self._last_ckpt_step = recorder.env_steps if restored else -1
         if restored:
             log.info("resumed from %s at %d env steps%s", restored[0], recorder.env_steps,
-                     "" if self._restored_replay else " (the checkpoint holds no replay: it fills anew)")
+                     "" if self._ckpts.restored_replay else " (the checkpoint holds no replay: it fills anew)")
 
     def _refuse_used_run_dir(self) -> None:
         """A fresh run never mixes its checkpoints and metrics with an earlier run's."""
@@ -232,10 +231,10 @@ class Trainer:
                     c.learner.step()
                 if self._eval_due.is_set():
                     self._eval_due.clear()
-                    self._evaluate_sync()
+                    self._check_target(self._evals.now())
                 if self._ckpt_due.is_set():
                     self._ckpt_due.clear()
-                    self._checkpoint_sync()
+                    self._ckpts.save_now()
                 if done:
                     self._stopping = True
                     break
@@ -271,9 +270,9 @@ class Trainer:
             # on them: learning pauses while such an evaluation runs (acting goes on).
             held = self.c.learner.lock if self.config.train.target_return is not None else nullcontext()
             async with held:
-                network, version = self._eval_network()
-                returns = await self._off_loop(self._eval_returns, network)
-                self._record_eval(returns, version)
+                network, version = self._evals.pull()
+                returns = await self._off_loop(self._evals.returns, network)
+                self._check_target(self._evals.record(returns, version))
 
     async def _checkpointer(self) -> None:
         while True:
@@ -282,91 +281,24 @@ class Trainer:
             if self._stopping:
                 return
             async with self.c.learner.lock:  # no update in flight: a consistent state
-                snapshot = self._snapshot()
-            await self._off_loop(self._save, *snapshot)
+                snapshot = self._ckpts.snapshot()
+            await self._off_loop(self._ckpts.save, *snapshot)
 
-    # --- evaluation and checkpoints -----------------------------------------------------------
-
-    def _eval_network(self) -> tuple[torch.nn.Module, int]:
-        """The latest published policy, copied into the evaluator's own network, and its version."""
-        if self._eval_net is None:
-            self._eval_net = acting_copy(self.c.algo)
-        version = self.c.store.pull(self._eval_net, -1)
-        return self._eval_net, version
-
-    def _eval_returns(self, network: torch.nn.Module) -> list[float]:
-        e, t = self.config.env, self.config.train
-        if self._eval_env is None:
-            kwargs = {**e.kwargs, **e.eval_kwargs}
-            self._eval_env = make_env(e.id, t.eval_episodes, None, self.config.eval_seed, kwargs, self._env_fn,
-                                      e.max_errors_in_a_row, e.obs_indices)
-            self._eval_rng = np.random.default_rng([t.seed, EVAL_SEED_OFFSET])
-        return evaluate(self._eval_env, self.c.algo, network, self._eval_rng)
-
-    def _record_eval(self, returns: list[float], version: int) -> None:
-        rec = self.c.recorder
-        row = rec.log_eval(returns)
-        self._last_eval_version = version
+    def _check_target(self, row: dict[str, Any]) -> None:
+        """Stop the run once an evaluation reached ``train.target_return``."""
         target = self.config.train.target_return
         if target is not None and row["eval/return_mean"] >= target:
             log.info("evaluation reached the target return %.1f: stopping", target)
-            self.result["reached_target_at"] = rec.env_steps
+            self.result["reached_target_at"] = self.c.recorder.env_steps
             self.stop()
-
-    def _evaluate_sync(self) -> None:
-        network, version = self._eval_network()
-        self._record_eval(self._eval_returns(network), version)
-
-    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-        """What the next checkpoint holds; the replay with every ``replay_every``-th."""
-        due = bool(self._replay_every) and self._ckpts_since_replay + 1 >= self._replay_every
-        return runstate.snapshot(self.c, with_replay=due)
-
-    def _save(self, manifest: dict[str, Any], state: dict[str, Any], replay: dict[str, Any] | None) -> bool:
-        """False when the write failed (a full disk, no permission): the previous checkpoint
-        stays as it was and training goes on; the next checkpoint tries again."""
-        t0 = time.perf_counter()
-        try:
-            path = checkpoint.save(self.run_dir / "checkpoints", manifest["env_steps"], manifest, state,
-                                   self.config.train.keep_checkpoints, replay=replay)
-        except OSError as exc:
-            self._ckpt_error = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-            log.error("checkpoint at %d env steps failed (%s); the previous one is kept and "
-                      "training goes on", manifest["env_steps"], self._ckpt_error)
-            return False
-        self._last_ckpt_step = manifest["env_steps"]
-        if replay is None:
-            self._ckpts_since_replay += 1
-            log.info("checkpoint %s", path)
-        else:
-            self._ckpts_since_replay = 0
-            size = sum(v.nbytes for v in replay.values() if isinstance(v, np.ndarray))
-            log.info("checkpoint %s (with the replay: %.1f MB in %.2f s)", path, size / 1e6,
-                     time.perf_counter() - t0)
-        return True
-
-    def _checkpoint_sync(self, final: bool = False) -> bool:
-        if final:  # a resumed run continues from the last checkpoint: it carries the replay
-            self._ckpts_since_replay = max(self._ckpts_since_replay, self._replay_every - 1)
-        return self._save(*self._snapshot())
-
-    def _final_checkpoint(self) -> None:
-        if self._last_ckpt_step != self.c.recorder.env_steps and not self._checkpoint_sync(final=True):
-            kept = checkpoint.checkpoints(self.run_dir / "checkpoints")
-            raise RunError(f"the final checkpoint could not be written ({self._ckpt_error}); "
-                           + (f"the newest on disk is {kept[0]}" if kept else "no checkpoint on disk"))
-
-    def _restore(self, path: Path, manifest: dict[str, Any], state: dict[str, Any]) -> None:
-        """``accept`` of :func:`checkpoint.load_latest`: raises when the checkpoint does not fit."""
-        self._restored_replay = runstate.restore(self.c, path, manifest, state, bool(self._replay_every))
 
     def _finish_sync(self) -> None:
         """After the tasks ended: a last evaluation and the final checkpoint."""
         rec = self.c.recorder
         self.result["train_wall_s"] = rec.wall_s  # training alone, before the final eval and save
-        if self._last_eval_version != self.c.store.version and rec.env_steps > 0:
-            self._evaluate_sync()  # the final policy has not been evaluated yet
-        self._final_checkpoint()
+        if self._evals.last_version != self.c.store.version and rec.env_steps > 0:
+            self._check_target(self._evals.now())  # the final policy has not been evaluated yet
+        self._ckpts.final()
         rec.log_row()
         self.result.update(env_steps=rec.env_steps, updates=rec.updates, wall_s=rec.wall_s,
                            eval=dict(rec.last_eval), run_dir=str(self.run_dir))
@@ -400,8 +332,8 @@ class Trainer:
             if self.c.remote is not None:
                 self.c.remote.close()
             self.c.recorder.close()
-        if self._eval_env is not None:
-            self._eval_env.close()
+        if self._evals is not None:
+            self._evals.close()
 
 def _stop_iteration_raised(fn: Callable, *args: Any) -> Any:
     """``fn(*args)``, a StopIteration from it (an exhausted iterator in a user's env factory)

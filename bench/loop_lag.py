@@ -21,9 +21,12 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 
+# Before the loop runs, as a host should: this import brings what every run needs (EnvPool,
+# torch._dynamo), which run() would otherwise import on its I/O thread, stalling the loop.
 from asyncrl import Trainer
 
 SLEEP_S = 0.010
@@ -54,7 +57,9 @@ async def measure(steps: int, overrides: list[str]) -> dict:
         async with asyncio.TaskGroup() as tg:
             probing = tg.create_task(probe())
             await asyncio.sleep(5 * SLEEP_S)  # the probe is running before run() is called
+            modules_before = len(sys.modules)
             result = await trainer.run()
+            imported = len(sys.modules) - modules_before
             done = True
             await asyncio.sleep(5 * SLEEP_S)
             probing.cancel()
@@ -67,6 +72,7 @@ async def measure(steps: int, overrides: list[str]) -> dict:
                              "stalls_over_100ms": sum(x > 100 for x in ms)}
     figures["env_steps"] = result["env_steps"]
     figures["env_steps_per_s"] = round(result["env_steps"] / result["train_wall_s"])
+    figures["modules_imported_by_run"] = imported
     return figures
 
 

@@ -216,3 +216,32 @@ def test_the_host_loop_runs_while_the_trainer_starts_trains_and_stops(tmp_path):
     print({name: (len(lags), round(1e3 * max(lags, default=0), 1)) for name, lags in ticks.items()})
     assert len(ticks["start"]) >= 3, "the loop stood still while the trainer started"
     assert len(ticks["stop"]) >= 3, "the loop stood still while the trainer stopped"
+
+
+def test_what_a_run_imports_comes_with_the_trainer_and_import_asyncrl_stays_light(tmp_path):
+    """A package imported on the I/O thread while a host's loop runs holds the GIL for up to
+    ~200 ms at a time (EnvPool's C extension, torch._dynamo's modules), so run() must find
+    everything imported already: ``from asyncrl import Trainer``, written before the host's loop
+    starts, brings it. ``import asyncrl`` alone (the CLI's --help, load_policy) does not."""
+    # TensorBoard's writer is imported when a run starts: it is optional, and takes ~0.1 s once
+    # torch._dynamo is in.
+    overrides = [*SHORT, "train.total_env_steps=600", "replay.min_size_to_sample=100", "train.mode='serial'",
+                 "train.tensorboard=false"]
+    code = f"""
+import asyncio, json, sys
+import asyncrl
+light = [m for m in ("asyncrl.trainer", "envpool", "torch._dynamo") if m in sys.modules]
+from asyncrl import Trainer
+trainer = Trainer.from_algo("dqn", run_dir={str(tmp_path)!r}, overrides={overrides!r})
+before = set(sys.modules)
+asyncio.run(trainer.run())
+print(json.dumps({{"light": light, "imported": sorted(set(sys.modules) - before)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["light"] == [], "import asyncrl imports the trainer's heavy modules"
+    # A few small modules at most (torch imports some at its first save); EnvPool or
+    # torch._dynamo would be hundreds.
+    assert len(found["imported"]) < 20, found["imported"]
