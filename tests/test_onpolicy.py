@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import algos.impala as impala_module
+from algos.actor_critic import log_prob_entropy
 from algos.impala import IMPALA, IMPALAConfig
 from algos.ppo import PPO, PPOConfig
 from asyncrl import checkpoint
@@ -109,13 +111,34 @@ def test_ppo_refuses_process_actors_and_async_env_batches(tmp_path):
         run(Trainer(ppo("env.batch_size=4"), run_dir=tmp_path))
 
 
-def test_ppo_gaussian_head_starts_on_pendulum(tmp_path):
+def test_ppo_gaussian_head_starts_on_pendulum(tmp_path, monkeypatch):
+    """Pendulum's actions lie in [-2, 2]: the env gets the Gaussian's sample clipped to them, the
+    behaviour log-prob is the unclipped sample's (which the learner's first update, on the
+    weights that acted, reproduces), and the standard deviation is learnt."""
     cfg = ppo("env.id='Pendulum-v1'", "algo.rollout_length=64", "algo.minibatch_size=128",
               "train.total_env_steps=2000")
     trainer = Trainer(cfg, run_dir=tmp_path)
+    first, update = {}, PPO.update
+
+    def watched_update(self, batch):
+        if not first:  # PPO's actors wait for each update: these weights chose the rollout
+            with torch.no_grad():  # rows first, as the network takes them
+                mean = self.net.policy(batch.obs[:-1].flatten(0, 1))
+                log_prob, _ = log_prob_entropy(self.net, mean, batch.extras["raw_action"].flatten(0, 1))
+            first.update(sent=batch.actions.clone(), raw=batch.extras["raw_action"].clone(),
+                         recorded=batch.extras["log_prob"].clone(),
+                         log_prob=log_prob.view_as(batch.extras["log_prob"]))
+        return update(self, batch)
+
+    monkeypatch.setattr(PPO, "update", watched_update)
     result = run(trainer)
     assert result["env_steps"] >= 2000 and result["updates"] > 0
-    assert trainer.c.algo.net.log_std is not None
+    raw, sent = first["raw"], first["sent"]
+    assert sent.shape == raw.shape == (64, 8, 1)
+    assert torch.equal(sent, raw.clamp(-2.0, 2.0)) and bool((raw.abs() > 2.0).any())  # some clipped
+    torch.testing.assert_close(first["recorded"], first["log_prob"], rtol=1e-5, atol=1e-5)
+    algo = trainer.c.algo  # its std learnt: moved off the initial one (0.02 in 3 updates here)
+    assert float((algo.net.log_std.detach() - algo.config.init_log_std).abs().max()) > 1e-3
     spec = trainer.c.spec
     actions, extras = trainer.c.algo.act(trainer.c.algo.net, torch.zeros(5, *spec.obs_shape),
                                          0, np.random.default_rng(0))
@@ -134,9 +157,36 @@ def test_impala_with_process_actors_logs_policy_lag_and_leaves_nothing_behind(tm
 
 
 @pytest.mark.parametrize("mode", ["async", "serial"])
-def test_impala_inline(tmp_path, mode):
-    result = run(Trainer(impala("actors.placement='inline'", f"train.mode='{mode}'"), run_dir=tmp_path))
-    assert result["env_steps"] >= 3000 and result["updates"] > 0
+def test_impala_inline(tmp_path, mode, monkeypatch):
+    """Inline actors that never wait for the learner: trajectories reach it acted by older weights
+    (policy lag), and V-trace weighs them by the ratio of the learner's log-probs to those the
+    actors recorded, which is 1 only where no update came between acting and learning."""
+    trainer = Trainer(impala("actors.placement='inline'", f"train.mode='{mode}'"), run_dir=tmp_path)
+    seen = []  # per update: each trajectory's lag, and the largest |log ratio| V-trace was given
+    update, vtrace = IMPALA.update, impala_module.vtrace
+
+    def watched_update(self, batch):
+        seen.append({"lags": (trainer.c.store.version - batch.weight_version).tolist()})
+        return update(self, batch)
+
+    def watched_vtrace(behaviour_log_probs, target_log_probs, *args):
+        seen[-1]["log_ratio"] = float((target_log_probs - behaviour_log_probs).abs().max())
+        return vtrace(behaviour_log_probs, target_log_probs, *args)
+
+    monkeypatch.setattr(IMPALA, "update", watched_update)
+    monkeypatch.setattr(impala_module, "vtrace", watched_vtrace)
+    result = run(trainer)
+    assert result["env_steps"] >= 3000
+    assert all(isinstance(a, OnPolicyActor) and not a.wait_for_learner for a in trainer.c.actors)
+    assert len(seen) == result["updates"] > 3 and all("log_ratio" in s for s in seen)  # V-trace each time
+    # The first update learns from the weights that acted: the recorded log-probs are the learner's.
+    assert seen[0]["lags"] == [0] * len(seen[0]["lags"]) and seen[0]["log_ratio"] < 1e-5
+    lagged = [s for s in seen if max(s["lags"]) > 0]
+    assert lagged and all(s["log_ratio"] > 1e-5 for s in lagged)  # corrected, not taken as on-policy
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    logged = [r["losses/policy_lag"] for r in rows if "losses/policy_lag" in r]
+    most = max(max(s["lags"]) for s in seen)
+    assert logged and max(logged) > 0 and all(0 <= lag <= most for lag in logged)
 
 
 @pytest.mark.parametrize("capacity, accepted", [(30, False), (38, False), (39, True)])
@@ -239,16 +289,59 @@ def test_actor_critic_fast_forward_gives_the_module_calls_numbers_exactly(action
     assert torch.equal(both[0], policy) and torch.equal(both[1], value)
 
 
+# EnvPool's Atari observation (the configs keep its stack of 4), the Nature CNN's input.
+FRAMES = (4, 84, 84)
+
+
+def assert_frame_stacks(obs: np.ndarray, follows: np.ndarray) -> None:
+    """``obs`` ``[T + 1, B, 4, 84, 84]`` are stacks of uint8 frames that move on one frame a step:
+    where row t + 1 follows row t in its episode (``follows[t]``, ``[T, B]``), it keeps row t's
+    three newest frames, oldest first, and adds a new one."""
+    assert obs.dtype == np.uint8 and obs.shape[2:] == FRAMES, (obs.dtype, obs.shape)
+    assert follows.any()
+    np.testing.assert_array_equal(obs[1:][follows][:, :-1], obs[:-1][follows][:, 1:])
+    assert np.any(obs[:, :, -1] != obs[:, :, 0]) and obs.max() > 0  # moving pictures, not one frame
+
+
+def watch_inputs(monkeypatch, algo_cls: type) -> dict[str, list]:
+    """The observations ``algo_cls`` acts on (dtype, shape) and the observations and ``applied``
+    flags of the batches it learns from, copied as they arrive (a store may reuse its memory)."""
+    seen: dict[str, list] = {"acted_on": [], "batches": []}
+    act, update = algo_cls.act, algo_cls.update
+
+    def watched_act(self, network, obs, *args, **kwargs):
+        seen["acted_on"].append((obs.dtype, tuple(obs.shape)))
+        return act(self, network, obs, *args, **kwargs)
+
+    def watched_update(self, batch):
+        seen["batches"].append((batch.obs.clone(), batch.applied.clone()))
+        return update(self, batch)
+
+    monkeypatch.setattr(algo_cls, "act", watched_act)
+    monkeypatch.setattr(algo_cls, "update", watched_update)
+    return seen
+
+
 @pytest.mark.parametrize("name", ["ppo_pong", "impala_pong"])
-def test_pong_configs_start_train_and_checkpoint(tmp_path, name):
+def test_pong_configs_start_train_and_checkpoint(tmp_path, name, monkeypatch):
+    """The network acts on and learns from stacks of 84x84 uint8 frames, and the rollouts hold
+    them in order: each row's stack the previous one's moved on by a frame."""
     small = {"ppo_pong": ["algo.rollout_length=16", "algo.minibatch_size=32", "algo.epochs=1"],
              "impala_pong": ["env.num_envs=4", "env.batch_size=2", "learner.batch_size=4"]}[name]
     cfg = build_config(file=CONFIGS / f"{name}.toml", overrides=[
         *small, "env.num_envs=4", "train.total_env_steps=300", "train.eval_every=100000",
         "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100", "train.log_every=100",
         "train.tensorboard=false"])
-    result = run(Trainer(cfg, run_dir=tmp_path), timeout=240)
+    seen = watch_inputs(monkeypatch, {"ppo_pong": PPO, "impala_pong": IMPALA}[name])
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = run(trainer, timeout=240)
     assert result["env_steps"] >= 300 and result["updates"] > 0
+    assert trainer.c.spec.obs_shape == FRAMES and trainer.c.spec.obs_dtype == np.uint8
+    assert seen["acted_on"] and {dtype for dtype, _ in seen["acted_on"]} == {torch.uint8}
+    assert {shape[1:] for _, shape in seen["acted_on"]} == {FRAMES}
+    assert len(seen["batches"]) == result["updates"]
+    for obs, applied in seen["batches"]:
+        assert_frame_stacks(obs.numpy(), applied.numpy())
     assert checkpoint.checkpoints(tmp_path / "checkpoints")
 
 

@@ -22,6 +22,7 @@ from asyncrl.sequence import SequenceAdder, SequenceReplay
 from asyncrl.trainer import Trainer
 from asyncrl.weights import WeightStore
 from resume_checks import assert_resumed_from, newest, watch_first_update
+from test_onpolicy import FRAMES, assert_frame_stacks, watch_inputs
 
 MASKED = EnvSpec("masked", (2,), np.dtype(np.float32), "discrete", 2, ())
 SMALL = R2D2Config(sequence_length=8, sequence_period=4, burn_in=2, n_step=3, hidden=[16], lstm_size=8)
@@ -210,14 +211,28 @@ def test_runs_async_with_process_actors_and_resumes(tmp_path, monkeypatch):
     assert rows[-1]["env_steps"] >= 5000 and any("eval/return_mean" in row for row in rows)
 
 
-def test_pong_config_starts_and_trains(tmp_path):
+def test_pong_config_starts_and_trains(tmp_path, monkeypatch):
+    """The network acts on and learns from stacks of 84x84 uint8 frames, and the replay holds each
+    env's steps in order: each step's stack the previous one's moved on by a frame."""
     cfg = build_config(file="configs/r2d2_pong.toml", overrides=[
         "env.num_envs=4", "env.batch_size=2", "replay.capacity=1000", "replay.min_size_to_sample=100",
         "algo.sequence_length=8", "algo.sequence_period=4", "algo.burn_in=2", "learner.batch_size=4",
         "replay.samples_per_insert=0.5", "train.total_env_steps=300", "train.eval_every=100000",
         "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100", "train.log_every=100"])
-    result = asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=tmp_path).run(), 240))
+    seen = watch_inputs(monkeypatch, R2D2)
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = asyncio.run(asyncio.wait_for(trainer.run(), 240))
     assert result["env_steps"] >= 300 and result["updates"] > 0
+    assert {dtype for dtype, _ in seen["acted_on"]} == {torch.uint8}
+    assert {shape[-3:] for _, shape in seen["acted_on"]} == {FRAMES}
+    assert len(seen["batches"]) == result["updates"]
+    for obs, _ in seen["batches"]:  # [T, B, ...]: sequences of stacks as stored
+        assert obs.dtype == torch.uint8 and obs.shape[2:] == FRAMES
+    replay = trainer.c.replay
+    stored = int(replay.head.min())  # 300 env steps in 4 streams of 250: no ring wrapped
+    assert 0 < stored <= replay.stream_capacity
+    steps = replay.episode_steps[:, :stored]
+    assert_frame_stacks(replay.obs[:, :stored].swapaxes(0, 1), (steps[:, 1:] == steps[:, :-1] + 1).T)
 
 
 @pytest.mark.learning
