@@ -90,11 +90,26 @@ def test_without_an_address_the_run_starts_and_stops_a_local_ray(tmp_path):
     cfg = build_config(DQN.preset, overrides=[*local, "train.total_env_steps=2000",
                                               "replay.min_size_to_sample=500", "train.eval_every=1000000"])
     trainer = Trainer(cfg, run_dir=tmp_path)
-    result = asyncio.run(asyncio.wait_for(trainer.run(), 90))
+    during = {}
+
+    async def main():
+        task = asyncio.create_task(trainer.run())
+        await until(lambda: trainer.recorder is not None and trainer.recorder.env_steps >= 1000, 60)
+        # While it runs: a Ray of one node on loopback, hosting the actor in its own process.
+        actor = trainer.c.actors[0]
+        during.update(started=ray.is_initialized(), nodes=ray.nodes() if ray.is_initialized() else [],
+                      pid=actor.pid, node_id=getattr(actor, "node_id", None))
+        return await asyncio.wait_for(task, 90)
+
+    result = asyncio.run(main())
     assert result["env_steps"] >= 2000 and result["updates"] > 0
-    assert trainer.c.actors[0].weight_version > 1
-    assert not ray.is_initialized()
-    asyncio.run(until(lambda: not pid_alive(trainer.c.actors[0].pid), 15))
+    assert during["started"] and [n["NodeManagerAddress"] for n in during["nodes"]] == [LOOPBACK]
+    assert during["node_id"] == during["nodes"][0]["NodeID"]
+    actor = trainer.c.actors[0]
+    assert isinstance(actor, RayActor) and during["pid"] not in (None, os.getpid())
+    assert actor.weight_version > 1
+    assert not ray.is_initialized()  # it started Ray, so it shut it down
+    asyncio.run(until(lambda: not pid_alive(during["pid"]), 15))
 
 
 def test_stop_leaves_no_ray_actor_alive_and_ray_as_it_was(cluster, tmp_path):
