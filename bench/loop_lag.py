@@ -6,13 +6,11 @@ server, a UI) sees this much delay on its own tasks. The bar: p99 <= 20 ms and n
 
     python bench/loop_lag.py [--steps 30000] [--set actors.placement='inline' ...]
 
-Measured once each on the 2-core development box with nothing else running (2026-11-25, 08:15
-UTC), 30,000 env steps of the DQN preset; figures and an earlier loaded run in BENCHMARKS.md:
-    python bench/loop_lag.py
-        placement auto (process actors): median 3.6 ms, p99 15.8 ms, max 25.7 ms
-        (937 wake-ups, 1,974 env steps/s overall)
-    python bench/loop_lag.py --set "actors.placement='inline'"
-        inline actors: median 0.4 ms, p99 2.8 ms, max 4.8 ms (926 wake-ups, 2,690 env steps/s)
+Three runs each beside the commit before (2026-12-03, 2 cores shared, load 1.2-2.1), medians:
+the start phase went from 3 stalls over 100 ms (max 266 ms) to none (max 20 ms) once what a run
+imports comes with ``from asyncrl import Trainer``; the train phase's p99 stays ~25 ms (the
+learner's chunks; 11 ms with the learner yielding behind due timers); stop stays under 10 ms.
+Figures and older runs in BENCHMARKS.md.
 """
 
 from __future__ import annotations
