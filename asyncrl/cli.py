@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="algorithms, shipped configs and env ids")
     ls.add_argument("--envs", action="store_true", help="every env id, one a line")
     pl = sub.add_parser("plot", help="returns against env steps and wall time (needs matplotlib)")
-    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, overlaid")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, overlaid; a directory of runs, "
+                    "or LABEL=PATH given more than once, draws one label's mean and 95%% band")
     pl.add_argument("-o", "--out", help="image file to write (default: plot.png in the only RUN_DIR, else "
                     "in the working directory)")
     return p

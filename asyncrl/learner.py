@@ -266,7 +266,10 @@ class Learner:
                 self._finish([k for _, k in drawn], priorities)
                 first = False
                 if not in_thread:
-                    await asyncio.sleep(0)  # let the actors' batches in between chunks
+                    # Let the actors' batches in between chunks. A zero sleep runs only the
+                    # callbacks already ready; 1 us also runs the loop's due timers (a host's,
+                    # the progress display's) before the next chunk holds the GIL again.
+                    await asyncio.sleep(1e-6)
         except LimiterStopped:
             return
         finally:

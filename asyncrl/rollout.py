@@ -245,14 +245,9 @@ class TrajectoryAdder:
             self._t[full] = 0
         return len(full)
 
-    def record_actions(self, env_ids, acted: Acted, extras: dict[str, np.ndarray] | None = None,
-                       weight_version: int = 0) -> None:
+    def record_actions(self, env_ids, acted: Acted) -> None:
         """The actions sent for these envs' latest observations, what the policy returned beside
-        them, and the weight version that chose them. (Plain actions with ``extras`` and
-        ``weight_version`` is the spelling from before :class:`Acted`, kept for
-        tests/test_rollout.py until it moves to the interface.)"""
-        if not isinstance(acted, Acted):
-            acted = Acted(np.asarray(acted), extras or {}, {}, weight_version)
+        them, and the weight version that chose them."""
         ids = np.asarray(env_ids, np.int64)
         if not self._has_prev[ids].all():
             raise RuntimeError("record_actions() for an env with no observation: call observe() first")

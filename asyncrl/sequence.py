@@ -304,12 +304,8 @@ class SequenceAdder(NStepAdder):
     def _insert_extras(self, ids: np.ndarray) -> dict[str, Any]:
         return {"state": {name: array[ids] for name, array in self._prev_state.items()}}
 
-    def record_actions(self, env_ids, acted: Acted, state: dict[str, np.ndarray] | None = None) -> None:
-        """The actions sent for these envs' latest observations, and the actor state at them.
-        (Plain actions with ``state=`` is the spelling from before :class:`Acted`, kept for
-        tests/test_sequence.py until it moves to the interface.)"""
-        if not isinstance(acted, Acted):
-            acted = Acted(np.asarray(acted), {}, state or {}, 0)
+    def record_actions(self, env_ids, acted: Acted) -> None:
+        """The actions sent for these envs' latest observations, and the actor state at them."""
         if not acted.state and self._prev_state:
             raise RuntimeError("record_actions() without the actor state: a sequence replay "
                                "stores it with every step")
