@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's text as one printable line, markup escaped: a control character (a user's
+    ``--set`` key may hold one, and some, like \\x1e, end a line for ``str.splitlines``) is
+    shown as its escape."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+    return escape(text)
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     if args.resume:
         saved = Path(args.resume) / "config.json"
@@ -153,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=_install_loop_factory()) as runner:
             result = runner.run(_run(args, config, console, seen))
     except USAGE_ERRORS as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {one_line(exc)}", highlight=False, soft_wrap=True)
         return 2
     except RunError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {one_line(exc)}", highlight=False, soft_wrap=True)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[yellow]interrupted[/yellow]")
@@ -166,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
             inner = inner.exceptions[0]
         if isinstance(inner, USAGE_ERRORS):
-            console.print(f"[red]error:[/red] {escape(str(inner))}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {one_line(inner)}", highlight=False, soft_wrap=True)
             return 2
         run_dir = seen.get("run_dir")
         where = run_dir if run_dir is not None and run_dir.is_dir() else Path(tempfile.gettempdir())
         crash = (where / "asyncrl-crash.log").resolve()
         crash.write_text("".join(traceback.format_exception(exc)))
-        console.print(f"[red]error:[/red] {type(inner).__name__}: {escape(str(inner))} (traceback in {crash})",
+        console.print(f"[red]error:[/red] {type(inner).__name__}: {one_line(inner)} (traceback in {crash})",
                       highlight=False, soft_wrap=True)
         return 1
     ev = result.get("eval", {})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from algos.dqn import DQNConfig
@@ -80,6 +80,7 @@ def test_invalid_set_values_exit_2_with_one_line(capsys, no_run, overrides, vali
 
 @SETTINGS
 @given(items=st.lists(st.text(max_size=30), max_size=3))
+@example(items=["0\x1e0="])  # a key holding a line separator once made the error two lines
 def test_any_set_text_never_raises(capsys, no_run, items):
     argv = ["run", "--no-live"]
     for item in items:

@@ -17,7 +17,7 @@ import torch
 
 from algos.dqn import DQN
 from asyncrl.actor import Actor
-import asyncrl.wiring as wiring_module
+import asyncrl.plans as plans_module
 from asyncrl.config import build_config
 from asyncrl.learner import Learner, QueueDraw, ReplayDraw
 from asyncrl.metrics import Recorder
@@ -180,7 +180,7 @@ def test_a_serial_run_through_the_staging_buffers_learns_exactly_what_the_direct
         "train.eval_every=2000", "train.eval_episodes=1", "train.log_every=1000"])
     weights = []
     for staged in (False, True):
-        monkeypatch.setattr(wiring_module, "Staging", lambda device: Staging(device, staged=staged))
+        monkeypatch.setattr(plans_module, "Staging", lambda device: Staging(device, staged=staged))
         trainer = Trainer(config, run_dir=tmp_path / str(staged))
         result = asyncio.run(asyncio.wait_for(trainer.run(), 60))
         assert result["updates"] > 50 and trainer.c.learner.draw.staging.staged == staged
