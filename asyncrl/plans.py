@@ -130,8 +130,8 @@ class ReplayPlan:
 
         return Data(replay, limiter, draw, adder, batch, config.learner.publish_every)
 
-    # What a kind of replay changes.
-    _adder_cls: type = NStepAdder
+    # What a kind of replay changes: its adder class, the steps a drawn item holds, its store.
+    _adder_cls: type
 
     def _items_per_draw(self, data: Any) -> int:
         raise NotImplementedError

@@ -237,56 +237,45 @@ def test_a_resumed_run_holds_the_replay_limiter_counters_and_rngs_it_saved(tmp_p
     assert not c.replay.applied[np.arange(c.replay.num_streams), last].any()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_stops_the_cli_with_a_final_checkpoint(tmp_path, sig):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "asyncrl", "run", "dqn", "--no-live", "--run-dir", str(run_dir),
-           "--set", "train.total_env_steps=10_000_000", "--set", "replay.min_size_to_sample=500"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        deadline = time.time() + 60
-        while not (run_dir / "metrics.jsonl").exists() or not read_jsonl(run_dir / "metrics.jsonl"):
-            assert time.time() < deadline and proc.poll() is None, "the run did not start"
-            time.sleep(0.1)
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=60)  # a hang guard, not a speed claim
-    finally:
-        proc.kill()
-    assert proc.returncode == 0
-    summary = json.loads(out.strip().splitlines()[-1])
-    _, manifest, _ = checkpoint.load_latest(run_dir / "checkpoints")
-    assert manifest["env_steps"] == summary["env_steps"] > 0
-    # A final evaluation at the final env steps, then the checkpoint.
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert any("eval/return_mean" in r and r["env_steps"] == summary["env_steps"] for r in rows)
-
-
 @pytest.mark.learning
-def test_dqn_solves_cartpole_within_100k_steps(tmp_path):
+def test_dqn_solves_cartpole_within_100k_steps(dqn_cartpole_serial):
     """Issue 2's bar: greedy return >= 475 over 20 episodes within 100k env steps (fixed seed)."""
-    cfg = build_config(DQN.preset, overrides=["train.mode='serial'", "train.seed=0",
-                                              "train.target_return=475"])
-    result = run(Trainer(cfg, run_dir=tmp_path), timeout=300)
+    result, _ = dqn_cartpole_serial
     assert result["eval"]["eval/return_mean"] >= 475
     assert result["eval"]["eval/episodes"] == 20
     assert result["reached_target_at"] <= 100_000
 
 
 @pytest.mark.learning
-def test_a_resumed_dqn_run_learns_at_once_and_is_back_at_its_return(tmp_path):
-    """A resume continues with the replay and the limiter's counts it saved: updates go on from
-    the first batch (no fresh warm-up of replay.min_size_to_sample = 1000 env steps), and the
-    greedy return is back at the bar within a few thousand env steps."""
+def test_a_resumed_dqn_run_learns_at_once_and_is_back_at_its_return(tmp_path, monkeypatch):
+    """A resume continues with the networks, the replay and the limiter's counts it saved: the
+    policy the resumed run publishes plays at the saved return before any update, and updates go
+    on from the first batch (no fresh warm-up of replay.min_size_to_sample = 1000 env steps).
+
+    (Not "is at the bar again within N more env steps": DQN at lr 2.5e-3 may dip for a few
+    thousand steps after any point of a run, resumed or not; that made the test flaky.)"""
     common = ["train.eval_episodes=10", "train.tensorboard=false", "train.target_return=400"]
     first = run(Trainer(build_config(DQN.preset, overrides=[*common, "train.eval_every=5000"]),
                         run_dir=tmp_path), timeout=300)
     assert first["eval"]["eval/return_mean"] >= 400, first
-    budget = first["env_steps"] + 3000
-    resumed = run(Trainer(build_config(DQN.preset, overrides=[
-        *common, "train.eval_every=1000", "train.log_every=500", f"train.total_env_steps={budget}"]),
-        run_dir=tmp_path, resume=True), timeout=120)
-    assert resumed.get("reached_target_at", budget + 1) <= budget, resumed
+    manifest, state, replay = newest(tmp_path)
+    resumed = Trainer(build_config(DQN.preset, overrides=[
+        *common, "train.eval_every=5000", "train.log_every=500",
+        f"train.total_env_steps={first['env_steps'] + 1000}"]), run_dir=tmp_path, resume=True)
+    seen = watch_first_update(monkeypatch, DQN, resumed)
+    at_resume: list[float] = []
+    start = Trainer._start
+
+    def start_then_evaluate(self, recorder):  # the published policy, before any update
+        start(self, recorder)
+        network, _ = self._evals.pull()
+        at_resume.extend(self._evals.returns(network))
+
+    monkeypatch.setattr(Trainer, "_start", start_then_evaluate)
+    run(resumed, timeout=120)
+    assert_resumed_from(seen, manifest, state, resumed, replay)
+    # A fresh network plays ~10-40 here; the saved one played >= 400 (other episodes: margin).
+    assert np.mean(at_resume) >= 300, at_resume
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl")
             if "charts/updates" in r and first["env_steps"] < r["env_steps"] <= first["env_steps"] + 1000]
     assert rows and rows[-1]["charts/updates"] - first["updates"] >= 50, rows
