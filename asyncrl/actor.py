@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from asyncrl.acting import Acted, EnvStates, PolicyStep  # noqa: F401 (EnvStates: its old home)
+from asyncrl.acting import Acted, PolicyStep
 from asyncrl.adders import Adder
 from asyncrl.core import Algorithm
 from asyncrl.envs import Step, VecEnv
@@ -100,6 +100,10 @@ class ActorBase:
 
 class Actor(ActorBase):
     """An inline actor: EnvPool's C++ threads step the envs, inference runs in the loop."""
+
+    # Serial mode's way to run the learner's due updates from inside a batch, for an actor that
+    # pauses for them (on-policy data that waits for the learner); the wiring sets it there.
+    learn_now: Callable[[], None] | None = None
 
     def __init__(self, env: VecEnv, algo: Algorithm, store: WeightStore, adder: Adder,
                  recorder: Recorder, rng: np.random.Generator, pull_every: int):

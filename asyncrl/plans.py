@@ -27,7 +27,7 @@ from asyncrl.core import (Algorithm, EnvSpec, SequenceData, TrajectoryData, Tran
                           actor_state_spec)
 from asyncrl.learner import QueueDraw, ReplayDraw
 from asyncrl.metrics import Recorder
-from asyncrl.process_actor import SLOTS
+from asyncrl.process_worker import SLOTS
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, min_queue_capacity

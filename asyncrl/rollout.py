@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
 
 import numpy as np
 
@@ -269,10 +268,8 @@ class TrajectoryAdder:
 class OnPolicyActor(Actor):
     """An inline actor for trajectory data. With ``wait_for_learner`` (PPO), each batch that
     finishes trajectories is followed by a pause until the learner publishes weights trained on
-    them: no action is ever chosen by stale weights. ``learn_now`` is serial mode's way to let
-    the learner run in that pause."""
-
-    learn_now: Callable[[], None] | None = None
+    them: no action is ever chosen by stale weights. In serial mode the learner runs in that
+    pause (:attr:`Actor.learn_now`)."""
 
     def __init__(self, *args, wait_for_learner: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

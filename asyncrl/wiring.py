@@ -111,10 +111,9 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             actors = [data.actor_cls(env, algo, store, data.adder(i)(data.store), recorder,
                                      np.random.default_rng([seed, i]), config.actors.pull_every,
                                      **data.actor_kwargs) for i, env in enumerate(envs)]
-            if config.train.mode == "serial":  # an actor that waits for updates runs them itself
+            if config.train.mode == "serial" and data.acting_waits:  # the actor runs the updates itself
                 for actor in actors:
-                    if hasattr(actor, "learn_now"):
-                        actor.learn_now = learner.drain
+                    actor.learn_now = learner.drain
         elif where == "ray":
             remote, actors = _ray_actors(config, spec, store, env_args, lambda i: data.adder(i)(data.store),
                                          recorder, data.remote_extras)

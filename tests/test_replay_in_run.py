@@ -65,12 +65,15 @@ def test_sampling_stays_in_the_band_of_samples_per_insert(watched):
     c = trainer.c
     assert isinstance(c.learner, Learner) and result["updates"] > 0
     env_steps, samples = result["env_steps"], result["updates"] * BATCH
-    # Measured from the run's own counters (not the limiter's): a row is inserted for every env
-    # step and for every episode's first observation (EnvPool's reset steps are no env steps),
-    # and every update samples one batch.
+    # Measured from the run's own counters (not the limiter's): the adder inserts an observation's
+    # row once the env's next one arrives, so a row goes in for every env step and for every
+    # episode's first observation after an end (EnvPool's reset steps are no env steps), but for
+    # the episodes whose reset step had not arrived when the run stopped (at most one per env).
     envs = c.config.env.num_envs * c.config.actors.num_actors
-    rows = env_steps + c.recorder.episodes + envs
-    assert c.limiter.state_dict() == {"inserts": pytest.approx(rows, abs=envs), "samples": samples}
+    rows = env_steps + c.recorder.episodes
+    counted = c.limiter.state_dict()
+    assert rows - envs <= counted["inserts"] <= rows and counted["samples"] == samples, (
+        counted, env_steps, c.recorder.episodes, envs)
     # The limiter's guaranteed band (see RateLimiter): diff = inserts * spi - samples within
     # [spi * min_size - error_buffer, max(spi * min_size + error_buffer, ... + B) + N * spi].
     diff = rows * SAMPLES_PER_INSERT - samples
