@@ -115,6 +115,10 @@ class Actor(ActorBase):
     def rng(self) -> np.random.Generator:
         return self.policy.rng
 
+    def reset_envs(self) -> None:
+        """Serial mode: start every env's first episode."""
+        self.env.async_reset()
+
     @property
     def network(self) -> torch.nn.Module:
         return self.policy.network

@@ -1,4 +1,4 @@
-"""``python -m asyncrl``: run, bench, eval, list, plot. Bad input is one line on stderr and exit
+"""``python -m asyncrl``: run, bench, eval, record, list, plot. Bad input is one line on stderr and exit
 code 2; a run that cannot go on (:class:`RunError`) is one line and exit code 1."""
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from rich.markup import escape
 from asyncrl import registry
 from asyncrl.checkpoint import CheckpointError
 from asyncrl.config import Config, ConfigError, deep_merge, parse_override, read_file, validate
+from asyncrl.datasets import DatasetError
 from asyncrl.envs import EnvError
 from asyncrl.faults import RunError
 
 log = logging.getLogger("asyncrl")
-USAGE_ERRORS = (ConfigError, EnvError, CheckpointError)
+USAGE_ERRORS = (ConfigError, EnvError, CheckpointError, DatasetError)
 # A second stop signal within this many seconds is the first one delivered again, not a user's
 # "abort now": GNU timeout (and a kill of the whole group) signals the command and its process
 # group microseconds apart.
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config value, e.g. --set learner.batch_size=128")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--dataset", metavar="ID", help="learn offline from a local Minari dataset "
+                     "(python -m asyncrl record makes one); same as --set replay.dataset=ID")
     run.add_argument("--run-dir", help="where to write (default runs/<algo>-<env>-<time>)")
     run.add_argument("--no-live", action="store_true", help="no live view; log lines only")
     bench = sub.add_parser("bench", help="throughput of each part beside its ceiling (env, acting, "
@@ -68,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", metavar="NAME",
                     help="e.g. step_000000050000 (default: the newest loadable one)")
     ev.add_argument("--seed", type=int, default=12345, help="seed of the evaluation envs")
+    rec = sub.add_parser("record", help="play a run's policy into a Minari dataset (offline RL, "
+                         "demonstrations)")
+    rec.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/...)")
+    rec.add_argument("--dataset", required=True, metavar="ID", help="the new dataset's id, e.g. cartpole/expert-v0 "
+                     "(written under MINARI_DATASETS_PATH, default ~/.minari/datasets)")
+    rec.add_argument("--episodes", type=int, default=100, help="whole episodes to record (default 100)")
+    rec.add_argument("--epsilon", type=float, default=0.0,
+                     help="exploration for a lesser-quality dataset: the share of uniform random actions "
+                     "(discrete), or Gaussian noise's std as a share of half the action range "
+                     "(continuous); default 0, greedy")
+    rec.add_argument("--checkpoint", metavar="NAME", help="e.g. step_000000050000 (default: the newest loadable one)")
+    rec.add_argument("--num-envs", type=int, default=16, help="envs played at once (default 16)")
+    rec.add_argument("--seed", type=int, default=0, help="seed of the envs and the exploration")
     ls = sub.add_parser("list", help="algorithms, shipped configs and env ids")
     ls.add_argument("--envs", action="store_true", help="every env id, one a line")
     pl = sub.add_parser("plot", help="returns against env steps and wall time (needs matplotlib)")
@@ -95,7 +111,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
         for item in args.set:
             data = deep_merge(data, parse_override(item))
         return validate(data)
-    return registry.resolve_config(args.algo, args.config, args.env, args.set)
+    sets = list(args.set)
+    if getattr(args, "dataset", None):
+        sets.append(f"replay.dataset={json.dumps(args.dataset)}")
+    return registry.resolve_config(args.algo, args.config, args.env, sets)
 
 
 async def _run(args: argparse.Namespace, config: Config, console: Console, seen: dict) -> dict:
@@ -150,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list(console, args.envs)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "record":
+            return _record(args, console)
         if args.command == "plot":
             from asyncrl import plot
             print(plot.plot_runs(args.run_dirs, args.out))
@@ -208,6 +229,39 @@ def _eval(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": args.run_dir, "env_steps": policy.env_steps, "episodes": len(returns),
                       "return_mean": float(returns.mean()), "return_std": float(returns.std()),
                       "return_min": float(returns.min()), "return_max": float(returns.max())}))
+    return 0
+
+
+def _record(args: argparse.Namespace, console: Console) -> int:
+    import numpy as np
+    from rich.progress import Progress
+
+    from asyncrl import datasets
+    from asyncrl.acting import PolicyStep
+    from asyncrl.envs import make_env
+    from asyncrl.policy import load_policy
+
+    for name, value, least in (("--episodes", args.episodes, 1), ("--num-envs", args.num_envs, 1)):
+        if value < least:
+            raise ConfigError(f"{name} must be at least {least}, got {value}")
+    if not 0.0 <= args.epsilon <= 1.0:
+        raise ConfigError(f"--epsilon must be within [0, 1], got {args.epsilon}")
+    datasets.require_new(args.dataset)  # before minutes of playing
+    policy = load_policy(args.run_dir, args.checkpoint)
+    config = validate(read_file(Path(args.run_dir) / "config.json"))
+    e, rng = config.env, np.random.default_rng(args.seed)
+    num_envs = min(args.episodes, args.num_envs)
+    with make_env(e.id, num_envs, None, args.seed, e.kwargs, obs_indices=e.obs_indices) as env, \
+            Progress(console=console) as progress:
+        task = progress.add_task(f"recording {args.dataset}", total=args.episodes)
+        acting = PolicyStep(policy.algo, num_envs, rng, greedy=True, network=policy.network)
+        episodes = datasets.play(env, acting, args.episodes, datasets.noisy(policy.spec, args.epsilon, rng),
+                                 lambda episode: progress.advance(task))
+    stats = datasets.summary(episodes)
+    datasets.write(args.dataset, episodes, policy.spec, config.algo.name, {
+        "env_id": e.id, "run_dir": str(Path(args.run_dir).resolve()), "run_env_steps": policy.env_steps or 0,
+        "epsilon": args.epsilon, "seed": args.seed, "return_mean": stats["return_mean"]})
+    print(json.dumps({"dataset": args.dataset, **stats, "epsilon": args.epsilon}))
     return 0
 
 

@@ -135,6 +135,11 @@ class ReplayConfig(ConfigModel):
         None, ge=1,
         description="On-policy: trajectories the FIFO rollout queue holds (actors wait while it is "
         "full). None: two learner batches, at least two per env. PPO: always one rollout.")
+    dataset: str | None = Field(
+        None,
+        description="Learn offline from this local Minari dataset (python -m asyncrl record makes "
+        "one): no actor acts, the replay holds the dataset, and the run counts updates as its steps "
+        "(train.total_env_steps, eval_every, checkpoint_every and log_every count updates).")
 
 
 class LearnerConfig(ConfigModel):

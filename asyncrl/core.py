@@ -208,6 +208,12 @@ def actor_state_spec(algo: Algorithm) -> StateSpec:
     return dict(getattr(algo, "actor_state", None) or {})
 
 
+def needs_dataset(algo: Algorithm | type) -> bool:
+    """Whether an algorithm learns from a dataset only (it declares ``needs_dataset = True``:
+    behaviour cloning, say), never from its own acting."""
+    return bool(getattr(algo, "needs_dataset", False))
+
+
 def acting_copy(algo: Algorithm) -> torch.nn.Module:
     """A network for acting only: the algorithm's acting network in eval mode with no parameter
     that requires grad (weights come from the weight store; a forward pass records nothing)."""

@@ -45,7 +45,7 @@ class Setting:
     spec: EnvSpec
     algo: Algorithm
     device: torch.device
-    where: str  # "inline", "process" or "ray"
+    where: str  # "inline", "process", "ray" or "none" (an offline run)
     weights: WeightStore
     recorder: Recorder
 
@@ -242,7 +242,13 @@ PLANS: dict[type, ReplayPlan | TrajectoryPlan] = {
     TransitionData: TransitionPlan(), SequenceData: SequencePlan(), TrajectoryData: TrajectoryPlan()}
 
 
-def plan_for(data: Any) -> ReplayPlan | TrajectoryPlan:
+def plan_for(data: Any, config: Config | None = None) -> Any:
+    """The plan for an algorithm's kind of data; an offline run's (``replay.dataset``) draws the
+    same kind from a dataset (:mod:`asyncrl.offline`)."""
+    if config is not None and config.replay.dataset is not None:
+        from asyncrl.offline import OfflinePlan  # imports the dataset reader (Minari, lazily)
+
+        return OfflinePlan()
     try:
         return PLANS[type(data)]
     except KeyError:

@@ -222,7 +222,7 @@ class Trainer:
             return True
 
         for actor in c.actors:
-            actor.env.async_reset()
+            actor.reset_envs()
         while not self._stopping:
             for actor in c.actors:
                 actor.step_now(c.limiter, learn)

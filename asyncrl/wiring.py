@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from asyncrl import registry
 from asyncrl.actor import Actor
 from asyncrl.config import Config, ConfigError, with_run_defaults
-from asyncrl.core import Algorithm, EnvSpec, actor_state_spec
+from asyncrl.core import Algorithm, EnvSpec, actor_state_spec, needs_dataset
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.learner import Learner, pick_device
 from asyncrl.metrics import Recorder
@@ -54,7 +54,9 @@ def placement(config: Config, device: torch.device, env_fn: Callable | None) -> 
     """Where actors run. auto: in worker processes when the learner is on the CPU (acting and
     learning then do not share one GIL), inline when it is on CUDA (its launches barely hold the
     GIL), and inline in serial mode or for an env given as a Python callable. ``ray``: remote
-    actors (actors.backend = "ray")."""
+    actors (actors.backend = "ray"). ``none``: an offline run (replay.dataset)."""
+    if config.replay.dataset is not None:
+        return "none"  # learning from a dataset: no actor acts
     if config.actors.backend == "ray":
         if env_fn is not None:
             raise ConfigError("actors.backend = 'ray' needs an env id, not a Python env factory")
@@ -73,6 +75,9 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
     the data plan's store (under its gate) -> learner -> weight store -> actors. The plan
     (:mod:`asyncrl.plans`) is the algorithm's kind of data; the rest is the same for every kind."""
     params = algo_params(config)  # its errors before any env starts
+    if needs_dataset(params[0]) and config.replay.dataset is None:
+        raise ConfigError(f"{config.algo.name} learns from a dataset only: add --dataset ID (--set "
+                          "replay.dataset=ID); python -m asyncrl record makes one from a trained run")
     e, seed = config.env, config.train.seed
     try:
         device = pick_device(config.learner.device)
@@ -95,7 +100,7 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         if actor_state_spec(algo) and where == "ray":
             raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which remote "
                               f"actors do not carry yet: use actors.backend = 'local'")
-        plan = plan_for(algo.data)
+        plan = plan_for(algo.data, config)
         where = plan.place(config, algo, where)
         if where == "inline" and not envs:  # the plan keeps actors inline
             envs.extend(make_env(**args, env_fn=env_fn) for args in env_args)
@@ -114,6 +119,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             if config.train.mode == "serial" and data.acting_waits:  # the actor runs the updates itself
                 for actor in actors:
                     actor.learn_now = learner.drain
+        elif where == "none":  # an offline run: a clock stands in for the actors
+            actors = [data.actor_cls(store, recorder)]
         elif where == "ray":
             remote, actors = _ray_actors(config, spec, store, env_args, lambda i: data.adder(i)(data.store),
                                          recorder, data.remote_extras)

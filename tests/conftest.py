@@ -24,7 +24,7 @@ def dqn_cartpole_serial(tmp_path_factory):
     """One run, read by two learning tests: DQN's CartPole preset in serial mode (an exact seed 0)
     up to its target 475, evaluated every 5k env steps. (test_trainer: it solves within 100k env
     steps; test_r2d2: the feed-forward control that sees every entry reaches 400 within 60k.)
-    Returns the run's result and its metric rows."""
+    Returns the run's result, its metric rows and its directory (an expert to record)."""
     import asyncio
 
     from asyncrl.metrics import read_jsonl
@@ -35,4 +35,4 @@ def dqn_cartpole_serial(tmp_path_factory):
     cfg = resolve_config("dqn", overrides=[
         "train.mode='serial'", "train.seed=0", "train.eval_every=5000", "train.tensorboard=false"])
     result = asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=run_dir).run(), 300))
-    return result, read_jsonl(run_dir / "metrics.jsonl")
+    return result, read_jsonl(run_dir / "metrics.jsonl"), run_dir

@@ -252,7 +252,7 @@ def test_feed_forward_dqn_stays_far_below_on_the_same_observations(tmp_path, dqn
     must stay far below). Measured here (seed 0, serial, eval every 5k): all entries reached 400
     at 50,005 env steps (~50 s); masked peaked at 45 within 60k (~70 s), 44.7 within 300k.
     The control is the run that test_trainer's DQN learning test reads too."""
-    _, rows = dqn_cartpole_serial
+    _, rows, _ = dqn_cartpole_serial
     evals = [row for row in rows if "eval/return_mean" in row]
     assert min(row["env_steps"] for row in evals if row["eval/return_mean"] >= 400) <= 60_000, evals
     cfg = resolve_config("dqn", overrides=["train.mode=serial", "train.seed=0", "env.obs_indices=[0,2]",

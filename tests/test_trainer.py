@@ -240,7 +240,7 @@ def test_a_resumed_run_holds_the_replay_limiter_counters_and_rngs_it_saved(tmp_p
 @pytest.mark.learning
 def test_dqn_solves_cartpole_within_100k_steps(dqn_cartpole_serial):
     """Issue 2's bar: greedy return >= 475 over 20 episodes within 100k env steps (fixed seed)."""
-    result, _ = dqn_cartpole_serial
+    result, _, _ = dqn_cartpole_serial
     assert result["eval"]["eval/return_mean"] >= 475
     assert result["eval"]["eval/episodes"] == 20
     assert result["reached_target_at"] <= 100_000

@@ -1,0 +1,163 @@
+"""Learning from a dataset alone (``replay.dataset``): the data plan of an offline run.
+
+The dataset (a local Minari dataset, :mod:`asyncrl.datasets`) is written once into the same
+replay an online run fills, through the same adder, as if one env had played its episodes one
+after another; the learner draws n-step transitions from it as it would online. No actor acts:
+an :class:`UpdateClock` stands in for them, and since there are no env steps, an offline run
+counts its updates as its steps (``train.total_env_steps``, ``eval_every``, ``checkpoint_every``
+and ``log_every`` count updates; its metric rows' ``env_steps`` is the update count). The gate is
+always open (:class:`OpenGate`): nothing is inserted while learning. The dataset is read again
+on resume, so checkpoints never carry it."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from asyncrl.acting import Acted
+from asyncrl.actor import ActorBase
+from asyncrl.adders import NStepAdder
+from asyncrl.config import Config, ConfigError
+from asyncrl.core import Algorithm, TransitionData
+from asyncrl.datasets import Episode, read_episodes
+from asyncrl.learner import ReplayDraw
+from asyncrl.ratelimit import LimiterStopped
+from asyncrl.replay import Replay
+from asyncrl.staging import Staging
+
+_CLOCK_PERIOD_S = 0.002  # how often the clock looks at the update count
+
+
+class OpenGate:
+    """The gate of a store that nothing inserts into while learning: every draw is allowed
+    until :meth:`stop`; in serial mode, as many as :meth:`allow` granted (one per tick of the
+    clock, or the serial loop would draw for ever)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.samples = 0
+        self._allowed: int | None = None  # None: every draw
+
+    def allow(self, batches: int) -> None:
+        self._allowed = (self._allowed or 0) + batches
+
+    async def await_sample(self, n: int) -> None:
+        if not self.try_sample(n):
+            raise LimiterStopped
+
+    def try_sample(self, n: int) -> bool:
+        if self.stopped or self._allowed == 0:
+            return False
+        if self._allowed is not None:
+            self._allowed -= 1
+        self.samples += n
+        return True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def stats(self) -> dict[str, float]:
+        return {"inserts": 0, "samples": self.samples, "insert_wait_s": 0.0, "sample_wait_s": 0.0}
+
+
+class UpdateClock(ActorBase):
+    """An offline run's stand-in for its actors: it acts in no env, and moves the run's step
+    count with the learner's updates, so that the trainer's schedule (evaluations, checkpoints,
+    logging, the end) runs on updates."""
+
+    def __init__(self, store: Any, recorder: Any) -> None:
+        super().__init__(0, store, None, recorder)
+
+    def _tick(self) -> None:
+        self.recorder.env_steps = self.recorder.updates
+        self.weight_version = self.store.version  # the learner's weights are the ones evaluated
+
+    async def run(self, limiter: Any, on_steps) -> None:
+        try:
+            while not limiter.stopped:
+                await asyncio.sleep(_CLOCK_PERIOD_S)
+                self._tick()
+                if on_steps():
+                    return
+        except LimiterStopped:
+            return
+
+    def step_now(self, limiter: OpenGate, learn) -> None:
+        """Serial mode: one update, then the count."""
+        limiter.allow(1)
+        learn()
+        self._tick()
+
+    def reset_envs(self) -> None:
+        pass
+
+    def rng_state(self) -> dict:
+        return {}
+
+    def set_rng_state(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def fill(replay: Replay, episodes: list[Episode], adder: NStepAdder) -> None:
+    """Every episode into stream 0 through ``adder``, as EnvPool would have returned them: each
+    episode's first observation (a reset step, reward 0), then its steps; the action sent with a
+    final observation is not taken (the next step resets)."""
+    env0, zero, no = np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, bool)
+    for episode in episodes:
+        obs, actions = episode.observations, episode.actions
+        adder.observe(env0, obs[:1], zero, no, no)
+        for t in range(len(actions)):
+            adder.record_actions(env0, Acted(actions[t:t + 1], {}, {}, 0))
+            adder.observe(env0, obs[t + 1:t + 2], episode.rewards[t:t + 1].astype(np.float32),
+                          episode.terminations[t:t + 1], episode.truncations[t:t + 1])
+        adder.record_actions(env0, Acted(np.zeros_like(actions[:1]), {}, {}, 0))  # not taken
+    # The last final observation goes in as the next reset step arrives: one that never comes
+    # but for this (its own row has no successor, so it is never drawn).
+    adder.observe(env0, episodes[0].observations[:1], zero, no, no)
+    adder.record_actions(env0, Acted(np.zeros_like(episodes[0].actions[:1]), {}, {}, 0))
+
+
+class OfflinePlan:
+    """n-step transitions drawn from a dataset; the algorithm's own n-step and discount apply."""
+
+    def place(self, config: Config, algo: Algorithm, where: str) -> str:
+        if not isinstance(algo.data, TransitionData):
+            raise ConfigError(f"{config.algo.name} learns from {type(algo.data).__name__}; "
+                              "replay.dataset serves n-step transitions only (DQN, SAC, TD3, BC, CQL)")
+        return "none"
+
+    def make(self, s: Any) -> Any:
+        from asyncrl.plans import Data
+
+        config, spec, data = s.config, s.spec, s.algo.data
+        episodes = read_episodes(config.replay.dataset, spec)
+        rows = sum(len(ep.actions) + 1 for ep in episodes) + 1
+        r, batch = config.replay, config.learner.batch_size
+        # Room for every row and the n-step look-ahead; a ring that never wraps.
+        replay = Replay(rows + data.n_step + 16, 1, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                        spec.action_dtype, data.n_step, data.gamma,
+                        priority_exponent=r.priority_exponent if r.prioritized else 0.0, seed=config.train.seed)
+        adder = NStepAdder(replay, streams_offset=0, num_envs=1, obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype,
+                           action_shape=spec.action_shape, action_dtype=spec.action_dtype)
+        fill(replay, [_as(spec, ep) for ep in episodes], adder)
+        beta = r.importance_exponent if r.prioritized else 0.0
+        draw = ReplayDraw(replay, batch, lambda: beta, Staging(s.device), s.recorder.timer)
+        return Data(replay, OpenGate(), draw, partial(_no_adder), batch, config.learner.publish_every,
+                    actor_cls=UpdateClock)
+
+
+def _no_adder(i: int) -> None:
+    raise RuntimeError("an offline run has no actors to write")
+
+
+def _as(spec: Any, episode: Episode) -> Episode:
+    """An episode in the run's dtypes (a dataset of float64 observations, int32 actions)."""
+    return Episode(episode.observations.astype(spec.obs_dtype, copy=False),
+                   episode.actions.astype(spec.action_dtype, copy=False).reshape(-1, *spec.action_shape),
+                   episode.rewards, episode.terminations, episode.truncations)

@@ -1,0 +1,239 @@
+"""Offline datasets: ``python -m asyncrl record`` writes a Minari dataset of whole episodes that
+``minari.load_dataset`` reads back as recorded (actions are the policy's for each observation),
+and reading one checks it against the env; bad input is one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+minari = pytest.importorskip("minari")
+
+from asyncrl import cli, datasets  # noqa: E402
+from asyncrl.datasets import DatasetError, Episode  # noqa: E402
+from asyncrl.policy import load_policy  # noqa: E402
+from asyncrl.registry import resolve_config  # noqa: E402
+from asyncrl.trainer import Trainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A short serial DQN run on CartPole: its policy is what gets recorded."""
+    path = tmp_path_factory.mktemp("run") / "dqn"
+    cfg = resolve_config("dqn", overrides=[
+        "train.mode=serial", "train.total_env_steps=1500", "replay.min_size_to_sample=500",
+        "train.eval_every=100000", "train.eval_episodes=1", "train.tensorboard=false"])
+    asyncio.run(Trainer(cfg, run_dir=path).run())
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    """Minari's datasets go to a directory of the test's own."""
+    path = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(path))
+    return path
+
+
+def record(capsys, *args: str) -> tuple[int, dict | None, str]:
+    code = cli.main(["record", *args])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if code == 0 else None, err
+
+
+def test_record_writes_whole_episodes_with_the_policys_actions(run_dir, store, capsys):
+    code, printed, err = record(capsys, str(run_dir), "--dataset", "cartpole/greedy-v0", "--episodes", "7",
+                                "--num-envs", "3")
+    assert code == 0, err
+    dataset = minari.load_dataset("cartpole/greedy-v0")
+    episodes = list(dataset.iterate_episodes())
+    assert len(episodes) == printed["episodes"] == 7
+    returns = [float(np.sum(ep.rewards)) for ep in episodes]
+    assert printed["return_mean"] == pytest.approx(np.mean(returns))
+    assert printed["steps"] == dataset.total_steps == sum(len(ep.rewards) for ep in episodes)
+    policy = load_policy(run_dir)
+    for ep in episodes:
+        steps = len(ep.rewards)
+        assert ep.observations.shape == (steps + 1, 4) and ep.actions.shape == (steps,)
+        ends = ep.terminations | ep.truncations
+        assert ends[-1] and not ends[:-1].any()  # one episode, whole
+        # Greedy: every action is the policy's for the observation it was taken at.
+        np.testing.assert_array_equal(policy(ep.observations[:-1].astype(np.float32)), ep.actions)
+        # CartPole pays 1 a step: the rewards are the env's, not shifted by a reset step.
+        np.testing.assert_array_equal(ep.rewards, np.ones(steps))
+    meta = dataset.storage.metadata
+    assert meta["asyncrl/env_id"] == "CartPole-v1" and meta["algorithm_name"] == "dqn"
+    assert meta["asyncrl/return_mean"] == pytest.approx(printed["return_mean"])
+
+
+def test_epsilon_replaces_that_share_of_actions_by_uniform_ones(run_dir, store, capsys):
+    code, _, err = record(capsys, str(run_dir), "--dataset", "cartpole/noisy-v0", "--episodes", "20",
+                          "--epsilon", "0.6", "--seed", "1")
+    assert code == 0, err
+    policy = load_policy(run_dir)
+    episodes = datasets.read_episodes("cartpole/noisy-v0")
+    obs = np.concatenate([ep.observations[:-1] for ep in episodes]).astype(np.float32)
+    taken = np.concatenate([ep.actions for ep in episodes])
+    # A uniform action over 2 differs from the greedy one half the time: 0.6 * 0.5 = 0.3.
+    differ = np.mean(policy(obs) != taken)
+    assert 0.2 < differ < 0.4, differ
+
+
+def test_a_dataset_made_with_minaris_own_tools_reads_and_is_checked_against_the_env(store):
+    import gymnasium
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    env = gymnasium.make("CartPole-v1")
+    rng = np.random.default_rng(0)
+    buffers = []
+    for i in range(3):
+        obs, _ = env.reset(seed=i)
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        while True:
+            action = int(rng.integers(2))
+            obs, reward, term, trunc, _ = env.step(action)
+            observations.append(obs), actions.append(action), rewards.append(reward)
+            terms.append(term), truncs.append(trunc)
+            if term or trunc:
+                break
+        buffers.append(EpisodeBuffer(id=i, observations=observations, actions=actions, rewards=rewards,
+                                     terminations=terms, truncations=truncs))
+    minari.create_dataset_from_buffers("cartpole/random-v0", buffers, env="CartPole-v1", data_format="hdf5")
+    from asyncrl.wiring import probe_spec
+
+    cartpole = probe_spec(resolve_config("dqn"))
+    episodes = datasets.read_episodes("cartpole/random-v0", cartpole)
+    assert [len(ep.rewards) for ep in episodes] == [len(b.rewards) for b in buffers]
+    np.testing.assert_allclose(episodes[1].observations, np.array(buffers[1].observations))
+    pendulum = probe_spec(resolve_config("sac"))
+    with pytest.raises(DatasetError, match="cartpole/random-v0 holds observations of .*Pendulum-v1"):
+        datasets.read_episodes("cartpole/random-v0", pendulum)
+    # A truncated file: one line naming the dataset.
+    data = next((store / "cartpole" / "random-v0" / "data").glob("*.hdf5"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    with pytest.raises(DatasetError, match="dataset cartpole/random-v0 is unreadable"):
+        datasets.read_episodes("cartpole/random-v0", cartpole)
+
+
+@pytest.mark.parametrize("case", ["exists", "bad_id", "not_a_run", "no_minari", "bad_epsilon"])
+def test_bad_input_is_one_line_and_exit_2_with_nothing_touched(run_dir, store, capsys, tmp_path, case):
+    datasets.write("cartpole/kept-v0", [Episode(np.zeros((2, 4), np.float32), np.zeros(1, np.int64),
+                                                np.ones(1), np.ones(1, bool), np.zeros(1, bool))],
+                   load_policy(run_dir).spec, "dqn", {"note": "kept"})
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    args = {"exists": [str(run_dir), "--dataset", "cartpole/kept-v0"],
+            "bad_id": [str(run_dir), "--dataset", "cartpole kept"],
+            "not_a_run": [str(tmp_path), "--dataset", "cartpole/new-v0"],
+            "no_minari": [str(run_dir), "--dataset", "cartpole/new-v0"],
+            "bad_epsilon": [str(run_dir), "--dataset", "cartpole/new-v0", "--epsilon", "1.5"]}[case]
+    with pytest.MonkeyPatch.context() as mp:
+        if case == "no_minari":
+            mp.setitem(__import__("sys").modules, "minari", None)  # import minari raises ImportError
+        code, _, err = record(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert {"exists": "exists already", "bad_id": "not a Minari id", "not_a_run": "not a run directory",
+            "no_minari": "pip install 'asyncrl[offline]'", "bad_epsilon": "--epsilon"}[case] in lines[0]
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+    assert datasets.read_episodes("cartpole/kept-v0")[0].rewards.tolist() == [1.0]
+
+
+# --- learning from a dataset -------------------------------------------------------------------
+
+
+def bc_config(dataset: str, *extra: str):
+    return resolve_config("bc", overrides=[f"replay.dataset='{dataset}'", "train.tensorboard=false",
+                                           "train.eval_episodes=2", *extra])
+
+
+def test_an_offline_run_counts_updates_as_steps_checkpoints_and_resumes(run_dir, store, capsys, tmp_path):
+    code, _, err = record(capsys, str(run_dir), "--dataset", "cartpole/small-v0", "--episodes", "10")
+    assert code == 0, err
+    out = tmp_path / "bc"
+    for mode in ("async", "serial"):
+        cfg = bc_config("cartpole/small-v0", f"train.mode='{mode}'", "train.total_env_steps=300",
+                        "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=50",
+                        "train.target_return=1e9")
+        result = asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=out / mode).run(), 120))
+        # No actor acted: the steps are the updates, and each update drew one batch.
+        assert result["updates"] == result["env_steps"] >= 300
+        rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
+        evals = [row["env_steps"] for row in rows if "eval/return_mean" in row]
+        assert len(evals) >= 3 and evals == sorted(evals)
+    # Resume the serial run: it goes on from its checkpoint's updates, with the dataset read again.
+    resumed = Trainer(bc_config("cartpole/small-v0", "train.mode='serial'", "train.total_env_steps=500",
+                                "train.eval_every=100", "train.target_return=1e9"), run_dir=out / "serial", resume=True)
+    from algos.bc import BC
+    from resume_checks import assert_resumed_from, newest, watch_first_update
+
+    manifest, state, _ = newest(out / "serial")
+    seen = pytest.MonkeyPatch.context()
+    with seen as mp:
+        first = watch_first_update(mp, BC, resumed)
+        result = asyncio.run(asyncio.wait_for(resumed.run(), 120))
+    assert_resumed_from(first, manifest, state)
+    assert result["updates"] == result["env_steps"] >= 500
+
+
+def test_the_dataset_the_learner_draws_holds_the_recorded_steps(run_dir, store, capsys):
+    """Every transition drawn is one the dataset holds: (observation, action) pairs of the
+    episodes, never a pair across two episodes."""
+    from asyncrl.metrics import Recorder
+    from asyncrl.wiring import build
+
+    code, _, err = record(capsys, str(run_dir), "--dataset", "cartpole/pairs-v0", "--episodes", "5")
+    assert code == 0, err
+    episodes = datasets.read_episodes("cartpole/pairs-v0")
+    c = build(bc_config("cartpole/pairs-v0"), Recorder(1000, []))
+    try:
+        assert c.actors and not hasattr(c.actors[0], "env")
+        pairs = {(ep.observations[t].tobytes(), int(ep.actions[t]), ep.observations[t + 1].tobytes())
+                 for ep in episodes for t in range(len(ep.actions))}
+        assert c.replay.num_sampleable == len(pairs)  # every step of every episode
+        c.limiter.allow(1)
+        assert c.limiter.try_sample(64) and not c.limiter.try_sample(64)  # serial: one per tick
+        ((batch, _),) = c.learner.sample()
+        for o, a, n in zip(batch.obs.numpy(), batch.actions.numpy(), batch.next_obs.numpy()):
+            assert (o.tobytes(), int(a), n.tobytes()) in pairs
+    finally:
+        for actor in c.actors:
+            actor.close()
+
+
+@pytest.mark.parametrize("case", ["bc_without_dataset", "missing_dataset", "other_env"])
+def test_an_offline_run_refuses_bad_datasets_in_one_line(store, capsys, case):
+    pendulum = datasets.spaces(__import__("asyncrl.wiring", fromlist=["probe_spec"]).probe_spec(
+        resolve_config("sac")))
+    if case == "other_env":
+        from minari.data_collector.episode_buffer import EpisodeBuffer
+
+        minari.create_dataset_from_buffers(
+            "pendulum/tiny-v0", [EpisodeBuffer(id=0, observations=[np.zeros(3, np.float32)] * 3,
+                                               actions=[np.zeros(1, np.float32)] * 2, rewards=[0.0, 0.0],
+                                               terminations=[False, False], truncations=[False, True])],
+            observation_space=pendulum[0], action_space=pendulum[1], data_format="hdf5")
+    args = {"bc_without_dataset": ["run", "bc", "--no-live"],
+            "missing_dataset": ["run", "bc", "--dataset", "cartpole/none-v0", "--no-live"],
+            "other_env": ["run", "bc", "--dataset", "pendulum/tiny-v0", "--no-live"]}[case]
+    code = cli.main([*args, "--run-dir", str(store.parent / "run")])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert {"bc_without_dataset": "bc learns from a dataset only", "missing_dataset": "no local dataset cartpole/none-v0",
+            "other_env": "pendulum/tiny-v0 holds observations of"}[case] in lines[0]
+    assert not (store.parent / "run").exists()
+
+
+@pytest.mark.learning
+def test_bc_on_an_expert_dataset_reaches_475(dqn_cartpole_serial, store, capsys, tmp_path):
+    _, _, expert = dqn_cartpole_serial
+    code, printed, err = record(capsys, str(expert), "--dataset", "cartpole/expert-v0", "--episodes", "50")
+    assert code == 0 and printed["return_mean"] >= 475, (printed, err)
+    result = asyncio.run(asyncio.wait_for(Trainer(resolve_config("bc", overrides=[
+        "replay.dataset='cartpole/expert-v0'", "train.seed=0", "train.mode='serial'",
+        "train.tensorboard=false"]), run_dir=tmp_path / "bc").run(), 300))
+    assert result["eval"]["eval/return_mean"] >= 475 and result["reached_target_at"] <= 5000, result
