@@ -237,3 +237,56 @@ def test_bc_on_an_expert_dataset_reaches_475(dqn_cartpole_serial, store, capsys,
         "replay.dataset='cartpole/expert-v0'", "train.seed=0", "train.mode='serial'",
         "train.tensorboard=false"]), run_dir=tmp_path / "bc").run(), 300))
     assert result["eval"]["eval/return_mean"] >= 475 and result["reached_target_at"] <= 5000, result
+
+
+# --- CQL ---------------------------------------------------------------------------------------
+
+
+def test_cql_is_dqn_plus_a_gap_that_pushes_down_the_actions_the_data_never_took():
+    import torch
+
+    from algos.cql import CQL, CQLConfig
+    from algos.dqn import DQN, DQNConfig
+    from asyncrl.core import EnvSpec, TransitionBatch
+
+    spec = EnvSpec("test", (4,), np.dtype(np.float32), "discrete", 3, ())
+    g = torch.Generator().manual_seed(0)
+    obs, next_obs = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
+    data = TransitionBatch(obs, torch.zeros(64, dtype=torch.int64), torch.ones(64), torch.full((64,), 0.9),
+                           next_obs, torch.ones(64))  # the data takes action 0 only
+
+    def trained(cls, config, updates):
+        torch.manual_seed(0)
+        algo = cls(spec, config, torch.device("cpu"))
+        for _ in range(updates):
+            metrics, _ = algo.update(data)
+        return algo, metrics
+
+    dqn, _ = trained(DQN, DQNConfig(n_step=1), 30)
+    plain, _ = trained(CQL, CQLConfig(n_step=1, alpha=0.0), 30)
+    for a, b in zip(dqn.q.parameters(), plain.q.parameters()):  # alpha 0: DQN's update exactly
+        assert torch.equal(a, b)
+    conservative, metrics = trained(CQL, CQLConfig(n_step=1, alpha=5.0), 30)
+    assert "cql_gap" in metrics and "td_loss" in metrics
+
+    def unseen_margin(algo) -> float:  # how far Q of the untaken actions stays below action 0's
+        with torch.no_grad():
+            q = algo.q(obs)
+        return float((q[:, 0] - q[:, 1:].max(dim=1).values).mean())
+
+    assert unseen_margin(conservative) > unseen_margin(dqn) + 0.5, (unseen_margin(conservative), unseen_margin(dqn))
+    with pytest.raises(ValueError, match="eagerly"):
+        CQLConfig(compile=True)
+
+
+@pytest.mark.learning
+def test_cql_learns_cartpole_from_a_noisy_expert_dataset(dqn_cartpole_serial, store, capsys, tmp_path):
+    """Half of the dataset's actions are uniform ones (its episodes return ~100)."""
+    _, _, expert = dqn_cartpole_serial
+    code, printed, err = record(capsys, str(expert), "--dataset", "cartpole/noisy-v0", "--episodes", "50",
+                                "--epsilon", "0.5")
+    assert code == 0 and printed["return_mean"] < 250, (printed, err)
+    result = asyncio.run(asyncio.wait_for(Trainer(resolve_config("cql", overrides=[
+        "replay.dataset='cartpole/noisy-v0'", "train.seed=0", "train.mode='serial'",
+        "train.tensorboard=false"]), run_dir=tmp_path / "cql").run(), 300))
+    assert result["eval"]["eval/return_mean"] >= 475 and result["reached_target_at"] <= 10_000, result

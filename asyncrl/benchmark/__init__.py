@@ -50,6 +50,7 @@ from asyncrl.benchmark.measure import bench, run_bench
 from asyncrl.benchmark.report import FIGURES, RATIOS, fmt, json_safe, render, render_sweep, summarize
 from asyncrl.benchmark.synthetic import fill_replay, random_actions, random_obs, synthetic_batch
 from asyncrl.config import Config, ConfigError
+from asyncrl.core import needs_dataset
 
 __all__ = ["FIGURES", "RATIOS", "bench", "command", "fill_replay", "parse_sweep", "random_actions",
            "random_obs", "render", "render_sweep", "run_bench", "summarize", "synthetic_batch"]
@@ -110,6 +111,11 @@ def command(args: argparse.Namespace, console: Console,
                 raise ConfigError(f"--sweep {key}={value}: {exc}") from None
     else:
         key, configs = "", [(None, resolve_config(args))]
+    for _, config in configs:
+        if config.replay.dataset is not None or needs_dataset(registry.get(config.algo.name)):
+            raise ConfigError(f"bench measures acting and learning on envs; {config.algo.name} from a "
+                              "dataset (replay.dataset) is not benchmarked yet: an offline run shows its "
+                              "updates/s in the live view and in metrics.jsonl")
 
     def progress(name: str, repeat: int, value: float) -> None:
         mode, unit = FIGURES[name]
