@@ -27,7 +27,6 @@ from asyncrl.core import (Algorithm, EnvSpec, SequenceData, TrajectoryData, Tran
                           actor_state_spec)
 from asyncrl.learner import QueueDraw, ReplayDraw
 from asyncrl.metrics import Recorder
-from asyncrl.process_worker import SLOTS
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
 from asyncrl.rollout import OnPolicyActor, RolloutQueue, TrajectoryAdder, min_queue_capacity
@@ -103,7 +102,7 @@ class ReplayPlan:
             require_shared_memory(r.capacity * step_bytes)
         try:
             replay = self._replay(s, r.priority_exponent if r.prioritized else 0.0,
-                                  dict(shared=shared, writers_ahead=SLOTS if shared else 0))
+                                  dict(shared=shared, writers_ahead=config.actors.slots if shared else 0))
         except MemoryError:
             raise ConfigError(f"invalid config: replay.capacity: a replay of {r.capacity} steps does "
                               "not fit in this machine's memory") from None

@@ -39,7 +39,7 @@ from asyncrl.adders import Adder
 from asyncrl.episodes import Counted
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
-from asyncrl.process_worker import (ENV_STEPS, FAILED, READY, SLOTS, START, STOP, STOPPING, TAKEN,
+from asyncrl.process_worker import (ENV_STEPS, FAILED, READY, START, STOP, STOPPING, TAKEN,
                                     UNGUARDED_MAIN, WAKE, WORKER_NAME, ZERO_NONFINITE, Slots,
                                     refuse_inside_a_worker, run_worker)
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
@@ -95,7 +95,7 @@ class ProcessActor(ActorBase):
     def __init__(self, index: int, make_env_args: dict[str, Any], algo_name: str,
                  algo_params: dict[str, Any], store: WeightStore, data: Any,
                  make_adder: Callable[[Any], Adder], first_stream: int, recorder: Recorder,
-                 seed: int, pull_every: int, slots: int = SLOTS):
+                 seed: int, pull_every: int, slots: int):
         refuse_inside_a_worker()
         num_envs = make_env_args["num_envs"]
         super().__init__(num_envs, store, None, recorder)

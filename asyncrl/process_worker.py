@@ -41,7 +41,6 @@ WORKER_NAME = "asyncrl-actor-"
 # A worker's exit code when it finds itself re-running the main script and starting a run.
 UNGUARDED_MAIN = 87
 _PARENT_CHECK_S = 1.0  # how long a worker waits on a stuck publish before it checks its parent
-SLOTS = 4  # batches a worker may have written that the loop has not published yet
 
 
 class _ParentGone(Exception):

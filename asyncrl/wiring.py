@@ -190,7 +190,7 @@ def _process_actors(config: Config, env_args: list[dict[str, Any]], store: Weigh
         for i in range(config.actors.num_actors):
             actors.append(ProcessActor(i, env_args[i], config.algo.name, config.algo.params, store, data,
                                        adder(i), i * config.env.num_envs, recorder, config.train.seed,
-                                       config.actors.pull_every))
+                                       config.actors.pull_every, config.actors.slots))
     except BaseException:
         for actor in actors:
             actor.close()
