@@ -122,7 +122,8 @@ class ActorsConfig(ConfigModel):
         "published yet (it waits while all are in flight). More let a worker act on through the "
         "learner's chunks on the loop's thread (16 against 4: IMPALA end to end 1.43x, DQN 1.11x "
         "here); each holds one batch in shared memory (a batch of trajectories for on-policy data) "
-        "and keeps a replay's newest columns out of sampling.")
+        "and keeps a replay's newest columns out of sampling. Sequence replay takes at most "
+        "sequence_length - 1.")
 
 
 class ReplayConfig(ConfigModel):

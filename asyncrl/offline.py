@@ -12,7 +12,6 @@ on resume, so checkpoints never carry it."""
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -148,7 +147,7 @@ class OfflinePlan:
         fill(replay, [_as(spec, ep) for ep in episodes], adder)
         beta = r.importance_exponent if r.prioritized else 0.0
         draw = ReplayDraw(replay, batch, lambda: beta, Staging(s.device), s.recorder.timer)
-        return Data(replay, OpenGate(), draw, partial(_no_adder), batch, config.learner.publish_every,
+        return Data(replay, OpenGate(), draw, _no_adder, batch, config.learner.publish_every,
                     actor_cls=UpdateClock)
 
 

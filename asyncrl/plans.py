@@ -63,6 +63,7 @@ class Data:
     actor_cls: type[Actor] = Actor  # the inline actor
     actor_kwargs: dict[str, Any] = field(default_factory=dict)
     acting_waits: bool = False  # acting pauses for each update (policy lag 0)
+    slots: int = 1  # batches a process actor's worker may write ahead of the loop
     remote_extras: dict | None = None  # what remote actors return beside the actions
 
 
@@ -100,9 +101,10 @@ class ReplayPlan:
         shared = s.where == "process"  # worker processes write the replay's rings themselves
         if shared:
             require_shared_memory(r.capacity * step_bytes)
+        slots = self._slots(config.actors.slots, s.algo.data)
         try:
             replay = self._replay(s, r.priority_exponent if r.prioritized else 0.0,
-                                  dict(shared=shared, writers_ahead=config.actors.slots if shared else 0))
+                                  dict(shared=shared, writers_ahead=slots if shared else 0))
         except MemoryError:
             raise ConfigError(f"invalid config: replay.capacity: a replay of {r.capacity} steps does "
                               "not fit in this machine's memory") from None
@@ -127,10 +129,13 @@ class ReplayPlan:
                            action_shape=spec.action_shape, action_dtype=spec.action_dtype,
                            **self._adder_kwargs(s))
 
-        return Data(replay, limiter, draw, adder, batch, config.learner.publish_every)
+        return Data(replay, limiter, draw, adder, batch, config.learner.publish_every, slots=slots)
 
     # What a kind of replay changes: its adder class, the steps a drawn item holds, its store.
     _adder_cls: type
+
+    def _slots(self, configured: int, data: Any) -> int:
+        return configured
 
     def _items_per_draw(self, data: Any) -> int:
         raise NotImplementedError
@@ -164,6 +169,11 @@ class SequencePlan(ReplayPlan):
 
     def _items_per_draw(self, data: SequenceData) -> int:
         return data.length
+
+    def _slots(self, configured: int, data: SequenceData) -> int:
+        # A sequence leaves the tree length - 1 steps before its slots are overwritten: writers
+        # may run no further ahead (each slot is one step of every env of a batch).
+        return min(configured, data.length - 1)
 
     def _replay(self, s: Setting, alpha: float, shared: dict[str, Any]) -> SequenceReplay:
         spec, data = s.spec, s.algo.data
@@ -233,7 +243,7 @@ class TrajectoryPlan:
 
         return Data(queue, queue, draw, adder, batch, publish_every, OnPolicyActor,
                     {"wait_for_learner": data.wait_for_learner}, acting_waits=data.wait_for_learner,
-                    remote_extras=data.extras)
+                    remote_extras=data.extras, slots=config.actors.slots)
 
 
 # The plan for each kind of data an algorithm can declare.

@@ -22,7 +22,7 @@ from asyncrl.core import Algorithm, EnvSpec, actor_state_spec, needs_dataset
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.learner import Learner, pick_device
 from asyncrl.metrics import Recorder
-from asyncrl.plans import Setting, learner_batch_size, plan_for
+from asyncrl.plans import Data, Setting, learner_batch_size, plan_for
 from asyncrl.process_actor import ProcessActor, start_fork_server
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
@@ -125,7 +125,7 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             remote, actors = _ray_actors(config, spec, store, env_args, lambda i: data.adder(i)(data.store),
                                          recorder, data.remote_extras)
         else:
-            actors = _process_actors(config, env_args, store, data.store, data.adder, recorder)
+            actors = _process_actors(config, env_args, store, data, recorder)
     except BaseException:
         for env in envs:
             env.close()
@@ -181,16 +181,16 @@ def _ray_actors(config: Config, spec: EnvSpec, store: WeightStore, env_args: lis
     return backend, actors
 
 
-def _process_actors(config: Config, env_args: list[dict[str, Any]], store: WeightStore, data: Any,
-                    adder: Callable, recorder: Recorder) -> list[ProcessActor]:
-    """One worker process per actor, writing into ``data`` (the store) through ``adder(i)``;
-    those started are closed if a later one fails to start."""
+def _process_actors(config: Config, env_args: list[dict[str, Any]], store: WeightStore, data: Data,
+                    recorder: Recorder) -> list[ProcessActor]:
+    """One worker process per actor, writing into the plan's store through its adder, up to the
+    plan's slots ahead; those started are closed if a later one fails to start."""
     actors: list[ProcessActor] = []
     try:
         for i in range(config.actors.num_actors):
-            actors.append(ProcessActor(i, env_args[i], config.algo.name, config.algo.params, store, data,
-                                       adder(i), i * config.env.num_envs, recorder, config.train.seed,
-                                       config.actors.pull_every, config.actors.slots))
+            actors.append(ProcessActor(i, env_args[i], config.algo.name, config.algo.params, store,
+                                       data.store, data.adder(i), i * config.env.num_envs, recorder,
+                                       config.train.seed, config.actors.pull_every, data.slots))
     except BaseException:
         for actor in actors:
             actor.close()
