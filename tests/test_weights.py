@@ -1,4 +1,5 @@
 import queue
+import sys
 import threading
 import time
 
@@ -13,20 +14,29 @@ from asyncrl.weights import PublishTimeout, WeightStore
 NUM_PARAMS = 2_000_000
 
 
-def publish_constants(store: WeightStore, stop: threading.Event, deadline: float) -> None:
-    """Publish tensors whose every element equals the version they become."""
-    source = torch.empty(store.num_params)
+def publish_constants(store: WeightStore, stop: threading.Event, deadline: float, pieces: int = 1) -> None:
+    """Publish parameters whose every element equals the version they become (a module of
+    ``pieces`` parameters: one copy each, as a learner's network)."""
+    source = Flat(store.num_params, pieces)
     while not stop.is_set() and time.monotonic() < deadline:
-        source.fill_(store.version + 1)
+        for piece in source.pieces:
+            piece.fill_(store.version + 1)
         store.publish(source)
 
 
 class Flat(nn.Module):
-    """One parameter the size of the store: what ``pull`` copies into, as an actor's network."""
+    """Parameters filling the store, in ``pieces`` tensors: what ``pull`` copies into, as an
+    actor's network (one copy per parameter, as for a network's layers)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, pieces: int = 1):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        edges = [size * i // pieces for i in range(pieces + 1)]
+        self.pieces = nn.ParameterList(nn.Parameter(torch.empty(b - a), requires_grad=False)
+                                       for a, b in zip(edges, edges[1:]))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat(list(self.pieces))
 
 
 def read_and_check(store: WeightStore, min_versions: int, budget_s: float) -> tuple[int, int, int]:
@@ -37,7 +47,7 @@ def read_and_check(store: WeightStore, min_versions: int, budget_s: float) -> tu
     Returns (reads, versions seen, reads that overlapped a publish and were redone).
     """
     out = torch.empty(store.num_params)
-    module = Flat(store.num_params)
+    module = Flat(store.num_params, pieces=64)
     retries_before = store.read_retries
     deadline = time.monotonic() + budget_s
     first = last = store.read_into(out)
@@ -61,17 +71,24 @@ def read_and_check(store: WeightStore, min_versions: int, budget_s: float) -> tu
 
 
 def test_no_torn_read_across_threads():
+    # Reads and publishes copy one parameter at a time, as a network's, and the interpreter
+    # hands the GIL over every 20 us: the two threads interleave within each copy however
+    # many cores the scheduler gives them (on a loaded 2-core box, with the default 5 ms
+    # switches and one long copy each, a whole 5 s could pass without one overlap).
     store = WeightStore(NUM_PARAMS)
     stop = threading.Event()
     writer = threading.Thread(
-        target=publish_constants, args=(store, stop, time.monotonic() + 10), daemon=True
+        target=publish_constants, args=(store, stop, time.monotonic() + 10, 64), daemon=True
     )
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2e-5)
     writer.start()
     try:
         reads, versions, retries = read_and_check(store, min_versions=50, budget_s=5)
     finally:
         stop.set()
         writer.join(timeout=5)
+        sys.setswitchinterval(interval)
     assert not writer.is_alive()
     # Reads and publishes really overlapped (else no torn read could have been seen).
     assert reads > 0 and versions > 0 and retries > 0
