@@ -2,7 +2,8 @@
 times the gap between a soft maximum of Q over every action (logsumexp) and Q of the action the
 data took, which keeps Q low on actions the data never shows. On DQN's network and update; for
 offline runs (``run cql --dataset ID``), and online as plain conservative DQN (fine-tuning a
-resumed offline run with actors)."""
+resumed offline run with actors). For continuous actions, ``cql_sac`` (algos/cql_sac.py) is CQL
+on SAC's networks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from algos.dqn import DQN, DQNConfig, td_loss
-from asyncrl.core import Metrics, TransitionBatch
+from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
 
 class CQLConfig(DQNConfig):
@@ -32,12 +33,17 @@ class CQL(DQN):
     Config: ClassVar[type[BaseModel]] = CQLConfig
     # CartPole-v1 from a dataset (python -m asyncrl record); steps are updates in an offline run.
     preset: ClassVar[dict[str, Any]] = {
-        "algo": {"name": "cql", "lr": 1e-3, "n_step": 1, "target_update_period": 200},
+        "algo": {"name": "cql", "lr": 1e-3, "n_step": 3, "target_update_period": 100},
         "env": {"id": "CartPole-v1", "num_envs": 8},
         "learner": {"batch_size": 256},
         "train": {"total_env_steps": 20_000, "eval_every": 2_000, "eval_episodes": 20,
                   "log_every": 1_000, "checkpoint_every": 5_000, "target_return": 475.0},
     }
+
+    def __init__(self, spec: EnvSpec, config: CQLConfig, device: torch.device):
+        if spec.action_kind != "discrete":  # before DQN's refusal, which would not name cql_sac
+            raise ValueError("its actions are continuous: run cql_sac, CQL on SAC's networks")
+        super().__init__(spec, config, device)
 
     def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
         c = self.config

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--dataset", metavar="ID", help="learn offline from a local Minari dataset "
                      "(python -m asyncrl record makes one); same as --set replay.dataset=ID")
+    run.add_argument("--online", action="store_true", help="with --resume of an offline run: go on learning "
+                     "with actors, its replay started with the run's dataset (offline-to-online fine-tuning)")
     run.add_argument("--run-dir", help="where to write (default runs/<algo>-<env>-<time>)")
     run.add_argument("--no-live", action="store_true", help="no live view; log lines only")
     bench = sub.add_parser("bench", help="throughput of each part beside its ceiling (env, acting, "
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="a TOML config file (see configs/)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set env.num_envs=32")
+    bench.add_argument("--dataset", metavar="ID", help="an offline run's learning from a local Minari dataset "
+                       "(no env is stepped); same as --set replay.dataset=ID")
     bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per mode (default 5)")
     bench.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     bench.add_argument("--json", metavar="FILE", help="write raw figures, medians and ratios here")
@@ -108,9 +112,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if not saved.is_file():
             raise CheckpointError(f"{args.resume} is not a run directory (no config.json)")
         data = read_file(saved)
+        if getattr(args, "online", False):
+            dataset = data.get("replay", {}).get("dataset")
+            if dataset is None:
+                raise ConfigError(f"--online goes on from an offline run, and {args.resume} learnt online already")
+            data = deep_merge(data, {"replay": {"dataset": None, "prefill": dataset}})
         for item in args.set:
             data = deep_merge(data, parse_override(item))
         return validate(data)
+    if getattr(args, "online", False):
+        raise ConfigError("--online goes with --resume RUN_DIR of an offline run")
     sets = list(args.set)
     if getattr(args, "dataset", None):
         sets.append(f"replay.dataset={json.dumps(args.dataset)}")

@@ -148,6 +148,22 @@ class ReplayConfig(ConfigModel):
         description="Learn offline from this local Minari dataset (python -m asyncrl record makes "
         "one): no actor acts, the replay holds the dataset, and the run counts updates as its steps "
         "(train.total_env_steps, eval_every, checkpoint_every and log_every count updates).")
+    demonstrations: str | None = Field(
+        None,
+        description="Mix transitions of this local Minari dataset (demonstrations, DQfD / R2D3 style) "
+        "into every learner batch of an online run, replay.demo_ratio of it. Transition replay only "
+        "(DQN, Rainbow, SAC, TD3). The rate limiter counts the online part only: "
+        "replay.samples_per_insert stays how often each online step is drawn.")
+    prefill: str | None = Field(
+        None,
+        description="Start the replay with the episodes of this local Minari dataset, spread over the "
+        "env streams (they age out as actors insert): offline-to-online fine-tuning (run --resume "
+        "OFFLINE_RUN --online sets it to the offline run's dataset). Learning may start at once; "
+        "samples_per_insert holds from there. Transition replay only.")
+    demo_ratio: float = Field(
+        0.25, gt=0, lt=1,
+        description="With replay.demonstrations: the share of each learner batch drawn from the "
+        "demonstrations, round(demo_ratio * learner.batch_size) items; the rest from the online replay.")
 
 
 class LearnerConfig(ConfigModel):
@@ -209,6 +225,12 @@ class TrainConfig(ConfigModel):
     run_dir: str | None = Field(None, description="Where the run writes; None: runs/<algo>-<env>-<time>.")
     live: bool = Field(True, description="Show the live terminal view (CLI only).")
     tensorboard: bool = Field(True, description="Also write TensorBoard scalars when tensorboard is installed.")
+    record_dataset: str | None = Field(
+        None,
+        description="When the run ends, write the whole episodes its replay holds into this new local "
+        "Minari dataset (a 'replay' dataset of every quality the run went through, offline RL's "
+        "medium-replay): every episode played when replay.capacity covers train.total_env_steps, "
+        "else the newest. Transition replay only (DQN, SAC, TD3, ...).")
 
     @field_validator("target_return")
     @classmethod
@@ -243,6 +265,13 @@ class Config(ConfigModel):
         return self.actors.num_actors * self.env.num_envs
 
     @property
+    def demo_batch_size(self) -> int:
+        """Items of each learner batch drawn from replay.demonstrations (0 without them)."""
+        if self.replay.demonstrations is None:
+            return 0
+        return round(self.replay.demo_ratio * self.learner.batch_size)
+
+    @property
     def error_buffer(self) -> float:
         if self.replay.error_buffer is not None:
             return self.replay.error_buffer
@@ -268,6 +297,21 @@ class Config(ConfigModel):
         if self.learner.batch_size > self.replay.capacity:
             raise ValueError(f"learner.batch_size ({self.learner.batch_size}) exceeds replay.capacity "
                              f"({self.replay.capacity})")
+        if self.train.record_dataset is not None and self.replay.dataset is not None:
+            raise ValueError("train.record_dataset keeps the episodes a run plays, and an offline run "
+                             "(replay.dataset) plays none")
+        if self.replay.prefill is not None and self.replay.dataset is not None:
+            raise ValueError("replay.prefill starts an online run's replay with a dataset; an offline run "
+                             "(replay.dataset) learns from its dataset alone: use one or the other")
+        if self.replay.demonstrations is not None:
+            if self.replay.dataset is not None:
+                raise ValueError("replay.demonstrations mixes a dataset into online batches, and an offline "
+                                 "run (replay.dataset) has none: use one or the other")
+            demo, batch = self.demo_batch_size, self.learner.batch_size
+            if not 0 < demo < batch:
+                raise ValueError(f"replay.demo_ratio ({self.replay.demo_ratio}) leaves {batch - demo} online "
+                                 f"and {demo} demonstration items in a batch of learner.batch_size "
+                                 f"({batch}); each part needs at least one")
         span = max(self.num_streams, EVAL_SEED_OFFSET + self.train.eval_episodes)
         if self.train.seed + span - 1 > MAX_SEED:
             raise ValueError(f"train.seed ({self.train.seed}) must be at most {MAX_SEED - span + 1}: "

@@ -170,6 +170,42 @@ def write(dataset_id: str, episodes: list[Episode], spec: EnvSpec, algorithm: st
     return dataset
 
 
+def check_recordable(dataset_id: str, store: Any, run_dir: str) -> None:
+    """Before a run that keeps its episodes (``train.record_dataset``): one line unless its store
+    is a replay of transitions and ``dataset_id`` is new, or was written by this same run when
+    it stopped before (a resumed run's end then replaces it)."""
+    from asyncrl.replay import Replay
+
+    if not isinstance(store, Replay):
+        raise DatasetError(f"train.record_dataset keeps the episodes of a transition replay; this run's "
+                           f"data is a {type(store).__name__} (DQN, SAC, TD3 and their kin record)")
+    if _written_by(dataset_id, run_dir):
+        return
+    require_new(dataset_id)
+
+
+def record_replay(dataset_id: str, store: Any, spec: EnvSpec, algorithm: str, run_dir: str) -> dict[str, float]:
+    """Write the whole episodes ``store`` (a :class:`~asyncrl.replay.Replay`) holds into a new
+    dataset (or replace the one this run wrote before it was resumed); their summary."""
+    episodes = [Episode(*parts) for parts in store.episodes()]
+    stats = summary(episodes)
+    if _written_by(dataset_id, run_dir):
+        minari().delete_dataset(dataset_id)
+    write(dataset_id, episodes, spec, algorithm, {**stats, "run_dir": run_dir, "source": "replay"})
+    return stats
+
+
+def _written_by(dataset_id: str, run_dir: str) -> bool:
+    m = minari()
+    check_id(dataset_id)
+    if dataset_id not in m.list_local_datasets():
+        return False
+    try:
+        return m.load_dataset(dataset_id).storage.metadata.get("asyncrl/run_dir") == run_dir
+    except Exception:  # unreadable: not this run's to replace
+        return False
+
+
 def _gymnasium_id(env_id: str) -> str | None:
     """``env_id`` where Gymnasium knows it too (Minari then records its spec), else None."""
     try:

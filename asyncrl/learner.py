@@ -1,5 +1,6 @@
 """The learner: the one loop over every data plan. It waits at the plan's gate (the rate limiter
-of a replay, or a rollout queue), draws batches (:class:`ReplayDraw`, :class:`QueueDraw`), moves
+of a replay, or a rollout queue), draws batches (:class:`ReplayDraw`, :class:`QueueDraw`; with
+demonstrations, :class:`MixedDraw`), moves
 them to the device, updates in a worker thread (acting goes on meanwhile) or a slice of the loop,
 writes priorities back and publishes weights."""
 
@@ -126,6 +127,37 @@ class ReplayDraw:
         return {}
 
 
+class MixedDraw:
+    """Demonstrations in replay (DQfD, R2D3): each batch is ``online.batch_size`` items of the
+    online replay's draw followed by ``demo.batch_size`` of a demonstration replay's, field by
+    field. Each part is drawn as its own draw would draw it (importance weights normalised within
+    each part); the keys are the two parts' apart, so each priority goes back to the replay its
+    item came from: the online replay's tree never sees a demonstration's key."""
+
+    def __init__(self, online: ReplayDraw, demo: ReplayDraw):
+        self.online, self.demo = online, demo
+        self.batch_size = online.batch_size + demo.batch_size
+        self.prioritized = online.prioritized
+
+    def __call__(self, count: int) -> list[tuple[TransitionBatch, tuple[np.ndarray, np.ndarray]]]:
+        drawn = []
+        for (online, online_keys), (demo, demo_keys) in zip(self.online(count), self.demo(count)):
+            t0 = time.perf_counter()
+            batch = TransitionBatch(**{name: torch.cat((getattr(online, name), getattr(demo, name)))
+                                       for name in _FIELDS})
+            self.online.timer.add("h2d", time.perf_counter() - t0)
+            drawn.append((batch, (online_keys, demo_keys)))
+        return drawn
+
+    def write_back(self, keys: tuple[np.ndarray, np.ndarray], priorities: np.ndarray) -> None:
+        online_keys, demo_keys = keys
+        self.online.write_back(online_keys, priorities[:len(online_keys)])
+        self.demo.write_back(demo_keys, priorities[len(online_keys):])
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
 class QueueDraw:
     """The learner's draw from a rollout queue: ``count`` batches of ``batch_size`` trajectories,
     each taken once, and how far behind the learner's weights they were acted (``policy_lag``)."""
@@ -162,7 +194,7 @@ class Learner:
     """The one learner loop, over any plan's gate (a rate limiter or a rollout queue: what
     permits a draw) and draw (what a batch is made of)."""
 
-    def __init__(self, algo: Algorithm, gate: Any, draw: ReplayDraw | QueueDraw, store: WeightStore,
+    def __init__(self, algo: Algorithm, gate: Any, draw: ReplayDraw | MixedDraw | QueueDraw, store: WeightStore,
                  recorder: Recorder, batch_size: int, publish_every: int, max_updates_per_call: int,
                  max_nonfinite_in_a_row: int = 50, flush_denormal: bool = True, acting_waits: bool = False):
         self.algo, self.gate, self.draw, self.store = algo, gate, draw, store

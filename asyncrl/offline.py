@@ -19,7 +19,7 @@ import numpy as np
 from asyncrl.acting import Acted
 from asyncrl.actor import ActorBase
 from asyncrl.adders import NStepAdder
-from asyncrl.config import Config, ConfigError
+from asyncrl.config import Config, ConfigError, require_memory
 from asyncrl.core import Algorithm, TransitionData
 from asyncrl.datasets import Episode, read_episodes
 from asyncrl.learner import ReplayDraw
@@ -47,12 +47,12 @@ class OpenGate:
         if not self.try_sample(n):
             raise LimiterStopped
 
-    def try_sample(self, n: int) -> bool:
+    def try_sample(self, n: int | None = None) -> bool:
         if self.stopped or self._allowed == 0:
             return False
         if self._allowed is not None:
             self._allowed -= 1
-        self.samples += n
+        self.samples += n or 0
         return True
 
     def stop(self) -> None:
@@ -134,21 +134,46 @@ class OfflinePlan:
     def make(self, s: Any) -> Any:
         from asyncrl.plans import Data
 
-        config, spec, data = s.config, s.spec, s.algo.data
-        episodes = read_episodes(config.replay.dataset, spec)
-        rows = sum(len(ep.actions) + 1 for ep in episodes) + 1
-        r, batch = config.replay, config.learner.batch_size
-        # Room for every row and the n-step look-ahead; a ring that never wraps.
-        replay = Replay(rows + data.n_step + 16, 1, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                        spec.action_dtype, data.n_step, data.gamma,
-                        priority_exponent=r.priority_exponent if r.prioritized else 0.0, seed=config.train.seed)
-        adder = NStepAdder(replay, streams_offset=0, num_envs=1, obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype,
-                           action_shape=spec.action_shape, action_dtype=spec.action_dtype)
-        fill(replay, [_as(spec, ep) for ep in episodes], adder)
+        config, r, batch = s.config, s.config.replay, s.config.learner.batch_size
+        replay = dataset_replay(s, config.replay.dataset, config.train.seed)
         beta = r.importance_exponent if r.prioritized else 0.0
         draw = ReplayDraw(replay, batch, lambda: beta, Staging(s.device), s.recorder.timer)
         return Data(replay, OpenGate(), draw, _no_adder, batch, config.learner.publish_every,
                     actor_cls=UpdateClock)
+
+
+def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay:
+    """A replay holding every episode of a local Minari dataset (checked against the run's env),
+    in the run's dtypes, n-step and discount; prioritised as ``replay.prioritized`` says. It
+    lives in this process only: an offline run's learner and an online run's demonstrations
+    (:class:`~asyncrl.learner.MixedDraw`) read it, and no actor writes it."""
+    config, spec, data = s.config, s.spec, s.algo.data
+    r = config.replay
+    episodes = read_episodes(dataset_id, spec)
+    rows = sum(len(ep.actions) + 1 for ep in episodes) + 1
+    step_bytes = 32 + episodes[0].observations[0].nbytes + max(1, episodes[0].actions[:1].nbytes)
+    require_memory("replay.dataset" if dataset_id == r.dataset else "replay.demonstrations",
+                   f"a replay of dataset {dataset_id} ({rows} steps)", rows * step_bytes)
+    # Room for every row and the n-step look-ahead; a ring that never wraps.
+    replay = Replay(rows + data.n_step + 16, 1, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                    spec.action_dtype, data.n_step, data.gamma,
+                    priority_exponent=r.priority_exponent if r.prioritized else 0.0, seed=seed)
+    adder = NStepAdder(replay, streams_offset=0, num_envs=1, obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype,
+                       action_shape=spec.action_shape, action_dtype=spec.action_dtype)
+    fill(replay, [_as(spec, ep) for ep in episodes], adder)
+    return replay
+
+
+def prefill(s: Any, replay: Replay, episodes: list[Episode]) -> int:
+    """Write ``episodes`` (read for ``replay.prefill``) into an online run's ``replay`` before any
+    actor acts, spread round-robin over its streams through the same adder; the rows written.
+    Each stream ends at an unapplied final observation, so no return runs into the actors' steps."""
+    spec = s.spec
+    for stream in range(min(replay.num_streams, len(episodes))):
+        adder = NStepAdder(replay, streams_offset=stream, num_envs=1, obs_shape=spec.obs_shape,
+                           obs_dtype=spec.obs_dtype, action_shape=spec.action_shape, action_dtype=spec.action_dtype)
+        fill(replay, [_as(spec, ep) for ep in episodes[stream::replay.num_streams]], adder)
+    return sum(len(ep.actions) + 1 for ep in episodes)
 
 
 def _no_adder(i: int) -> None:

@@ -3,9 +3,11 @@ store, the gate between acting and learning (a rate limiter, or the rollout queu
 own), each actor's writer (its adder) and the learner's draw, and says where its actors may run.
 :func:`asyncrl.wiring.build` picks the plan from :data:`PLANS` and wires everything else the same
 way for every kind: one learner loop, one set of actor backends. A new kind of data (an offline
-dataset, demonstrations mixed into a replay) is one new plan here and nothing else.
+dataset, :mod:`asyncrl.offline`) is one new plan here and nothing else.
 
-- :class:`TransitionPlan`: n-step transitions, uniform or prioritised (DQN, Rainbow, SAC, TD3).
+- :class:`TransitionPlan`: n-step transitions, uniform or prioritised (DQN, Rainbow, SAC, TD3);
+  with ``replay.demonstrations``, a dataset's transitions mixed into each batch (a
+  :class:`~asyncrl.learner.MixedDraw` over the online replay's draw and the dataset's).
 - :class:`SequencePlan`: fixed-length sequences with the actor's recurrent state (R2D2).
 - :class:`TrajectoryPlan`: whole trajectories through a FIFO queue, each used once (PPO, IMPALA).
 """
@@ -25,7 +27,8 @@ from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError, require_memory
 from asyncrl.core import (Algorithm, EnvSpec, SequenceData, TrajectoryData, TransitionData,
                           actor_state_spec)
-from asyncrl.learner import QueueDraw, ReplayDraw
+from asyncrl.datasets import read_episodes  # Minari itself is imported when a dataset is read
+from asyncrl.learner import MixedDraw, QueueDraw, ReplayDraw
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay
@@ -55,10 +58,10 @@ class Data:
 
     store: Replay | SequenceReplay | RolloutQueue
     gate: RateLimiter | RolloutQueue
-    draw: ReplayDraw | QueueDraw
+    draw: ReplayDraw | MixedDraw | QueueDraw
     # Actor i's adder, given the store (or a worker process's stand-in for it) to write into.
     adder: Callable[[int], Callable[[Any], Any]]
-    batch_size: int  # items per update
+    batch_size: int  # items per update the gate counts (with demonstrations, the online part)
     publish_every: int  # updates between weight publishes
     actor_cls: type[Actor] = Actor  # the inline actor
     actor_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +101,10 @@ class ReplayPlan:
         require_memory("replay.capacity", f"a replay of {r.capacity} steps", r.capacity * step_bytes)
         require_memory("learner.batch_size", f"drawing {chunk} batches of {batch}",
                        chunk * batch * self._items_per_draw(s.algo.data) * step_bytes)
+        demos = config.demo_batch_size  # items of each batch from replay.demonstrations
+        # Read first: a missing or mismatched dataset stops the run before the replay is allocated.
+        demo_replay = self._demonstrations(s) if demos else None
+        prefill = read_episodes(r.prefill, s.spec) if r.prefill is not None else None
         shared = s.where == "process"  # worker processes write the replay's rings themselves
         if shared:
             require_shared_memory(r.capacity * step_bytes)
@@ -112,15 +119,31 @@ class ReplayPlan:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"invalid config: replay: {exc}") from None
+        # With demonstrations the limiter counts only a batch's online items: it keeps the online
+        # replay's samples per insert (how often each step actors insert is learnt from), which
+        # demonstrations do not draw on (as Reverb counts only its own table's samples in Acme's
+        # R2D3). So updates per env step rise by batch / online.
+        online = batch - demos
         limiter = RateLimiter(r.samples_per_insert, r.min_size_to_sample, config.error_buffer,
-                              batch, sampleable=lambda: replay.num_sampleable)
+                              online, sampleable=lambda: replay.num_sampleable)
+        if prefill is not None:
+            from asyncrl.offline import prefill as write_prefill
+
+            rows = write_prefill(s, replay, prefill)
+            # Learning may start at once (the replay holds min_size_to_sample and more); the
+            # ratio holds from there: the dataset's rows are not inserts the learner may catch up on.
+            limiter.try_insert(min(rows, r.min_size_to_sample))
         total, beta0 = config.train.total_env_steps, r.importance_exponent if r.prioritized else 0.0
         recorder = s.recorder
 
         def importance_exponent() -> float:  # annealed linearly to 1 over the run
             return beta0 + (1.0 - beta0) * min(1.0, recorder.env_steps / total) if beta0 else 0.0
 
-        draw = ReplayDraw(replay, batch, importance_exponent, Staging(s.device), recorder.timer)
+        draw: ReplayDraw | MixedDraw = ReplayDraw(replay, online, importance_exponent, Staging(s.device),
+                                                  recorder.timer)
+        if demo_replay is not None:
+            draw = MixedDraw(draw, ReplayDraw(demo_replay, demos, importance_exponent, Staging(s.device),
+                                              recorder.timer))
         e = config.env
 
         def adder(i: int) -> Callable[[Any], Any]:
@@ -129,7 +152,7 @@ class ReplayPlan:
                            action_shape=spec.action_shape, action_dtype=spec.action_dtype,
                            **self._adder_kwargs(s))
 
-        return Data(replay, limiter, draw, adder, batch, config.learner.publish_every, slots=slots)
+        return Data(replay, limiter, draw, adder, online, config.learner.publish_every, slots=slots)
 
     # What a kind of replay changes: its adder class, the steps a drawn item holds, its store.
     _adder_cls: type
@@ -146,6 +169,9 @@ class ReplayPlan:
     def _adder_kwargs(self, s: Setting) -> dict[str, Any]:
         return {}
 
+    def _demonstrations(self, s: Setting) -> Replay:
+        raise NotImplementedError  # plan_for refuses demonstrations for this kind
+
 
 class TransitionPlan(ReplayPlan):
     """n-step transitions (a drawn one holds two observations)."""
@@ -160,6 +186,12 @@ class TransitionPlan(ReplayPlan):
         return Replay(s.config.replay.capacity, s.config.num_streams, spec.obs_shape, spec.obs_dtype,
                       spec.action_shape, spec.action_dtype, data.n_step, data.gamma,
                       priority_exponent=alpha, seed=s.config.train.seed, **shared)
+
+    def _demonstrations(self, s: Setting) -> Replay:
+        from asyncrl.offline import dataset_replay  # imports the dataset reader (Minari, lazily)
+
+        # Read by the learner in this process only: no shared memory. A sampling RNG of its own.
+        return dataset_replay(s, s.config.replay.demonstrations, [s.config.train.seed, 1])
 
 
 class SequencePlan(ReplayPlan):
@@ -258,6 +290,14 @@ def plan_for(data: Any, config: Config | None = None) -> Any:
         from asyncrl.offline import OfflinePlan  # imports the dataset reader (Minari, lazily)
 
         return OfflinePlan()
+    if config is not None and config.replay.prefill is not None and not isinstance(data, TransitionData):
+        raise ConfigError(f"invalid config: replay.prefill: {config.algo.name} learns from "
+                          f"{type(data).__name__}; a replay starts with a dataset's n-step transitions only "
+                          "(DQN, Rainbow, SAC, TD3, CQL)")
+    if config is not None and config.replay.demonstrations is not None and not isinstance(data, TransitionData):
+        raise ConfigError(f"invalid config: replay.demonstrations: {config.algo.name} learns from "
+                          f"{type(data).__name__}, and demonstrations mix into n-step transition batches "
+                          "only (DQN, Rainbow, SAC, TD3); demonstrations of sequences (R2D3) are not built yet")
     try:
         return PLANS[type(data)]
     except KeyError:

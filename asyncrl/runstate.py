@@ -69,6 +69,8 @@ def restore(c: Components, path: Path, manifest: dict[str, Any], state: dict[str
     c.algo.load_state_dict(state["algo"])
     torch.set_rng_state(state["torch_rng"])
     rngs = manifest.get("actor_rngs", [])
+    if manifest["config"]["replay"].get("dataset") and c.config.replay.dataset is None:
+        rngs = []  # an offline run's, going on online (--online): it had no actors; these start from the seed
     if rngs and len(rngs) != len(c.actors):
         raise ValueError(f"it holds {len(rngs)} actors' RNG states for {len(c.actors)} actors")
     replay = checkpoint.load_replay(path) if with_replay else None

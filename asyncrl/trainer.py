@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch._dynamo  # noqa: F401 (imported with this module, as EnvPool is below)
 
-from asyncrl import checkpoint, registry, runstate
+from asyncrl import checkpoint, datasets, registry, runstate
 from asyncrl.actor import Actor
 from asyncrl.config import Config, ConfigError
 from asyncrl.envs_envpool import envpool_module
@@ -171,6 +171,8 @@ class Trainer:
         self.c = c = build(self.config, recorder, self._env_fn)
         self._evals = Evaluator(c, self._env_fn)
         self._ckpts = runstate.Checkpoints(c, ckpt_dir)
+        if t.record_dataset is not None:  # before the run directory, and before minutes of training
+            datasets.check_recordable(t.record_dataset, c.replay, str(self.run_dir.resolve()))
         restored = self._ckpts.resume() if self.resume else None
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -300,6 +302,13 @@ class Trainer:
             self._check_target(self._evals.now())  # the final policy has not been evaluated yet
         self._ckpts.final()
         rec.log_row()
+        dataset_id = self.config.train.record_dataset
+        if dataset_id is not None:
+            stats = datasets.record_replay(dataset_id, self.c.replay, self.c.spec, self.config.algo.name,
+                                           str(self.run_dir.resolve()))
+            log.info("recorded %d episodes (%d steps, mean return %.1f) into dataset %s", stats["episodes"],
+                     stats["steps"], stats["return_mean"], dataset_id)
+            self.result["dataset"] = {"id": dataset_id, **stats}
         self.result.update(env_steps=rec.env_steps, updates=rec.updates, wall_s=rec.wall_s,
                            eval=dict(rec.last_eval), run_dir=str(self.run_dir))
 

@@ -112,6 +112,11 @@ def test_a_dataset_made_with_minaris_own_tools_reads_and_is_checked_against_the_
     pendulum = probe_spec(resolve_config("sac"))
     with pytest.raises(DatasetError, match="cartpole/random-v0 holds observations of .*Pendulum-v1"):
         datasets.read_episodes("cartpole/random-v0", pendulum)
+    # It trains bc as any dataset does: every step is drawn from, and the run evaluates.
+    result = asyncio.run(Trainer(bc_config("cartpole/random-v0", "train.mode='serial'", "train.total_env_steps=50",
+                                           "train.eval_every=50", "train.target_return=1e9",
+                                           "learner.batch_size=16"), run_dir=store.parent / "bc").run())
+    assert result["updates"] == 50 and "eval/return_mean" in result["eval"], result
     # A truncated file: one line naming the dataset.
     data = next((store / "cartpole" / "random-v0" / "data").glob("*.hdf5"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
@@ -140,6 +145,71 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_touched(run_dir, store, c
             "no_minari": "pip install 'asyncrl[offline]'", "bad_epsilon": "--epsilon"}[case] in lines[0]
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
     assert datasets.read_episodes("cartpole/kept-v0")[0].rewards.tolist() == [1.0]
+
+
+# --- train.record_dataset: a run's replay as a dataset ---------------------------------------
+
+
+def cartpole_next(obs: np.ndarray, action: int) -> np.ndarray:
+    """Gymnasium's CartPole-v1 dynamics from ``obs`` (its state) under ``action``."""
+    import gymnasium
+
+    env = gymnasium.make("CartPole-v1").unwrapped
+    env.reset(seed=0)
+    env.state = obs.astype(np.float64)
+    return env.step(int(action))[0]
+
+
+def test_a_run_records_every_episode_it_played_and_a_resume_replaces_its_own(store, tmp_path):
+    run = tmp_path / "run"
+
+    def config(steps: int):
+        return resolve_config("dqn", overrides=[
+            "train.mode='serial'", f"train.total_env_steps={steps}", "replay.min_size_to_sample=500",
+            "train.eval_every=100000", "train.eval_episodes=1", "train.tensorboard=false",
+            "train.target_return=1e9", "train.record_dataset='cartpole/replay-v0'"])
+
+    cfg = config(2000)
+    result = asyncio.run(Trainer(cfg, run_dir=run).run())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    episodes = datasets.read_episodes("cartpole/replay-v0")
+    # Every episode the 8 envs finished, whole; only the 8 still running at the end are left out.
+    assert len(episodes) == rows[-1]["charts/episodes"] == result["dataset"]["episodes"]
+    steps = sum(len(ep.rewards) for ep in episodes)
+    assert result["env_steps"] - 8 * 500 < steps < result["env_steps"]
+    for ep in episodes:
+        ends = ep.terminations | ep.truncations
+        assert ends[-1] and not ends[:-1].any()
+        np.testing.assert_array_equal(ep.rewards, np.ones(len(ep.rewards)))
+        for t in (0, len(ep.actions) // 2, len(ep.actions) - 1):  # each action led to the next observation
+            np.testing.assert_allclose(cartpole_next(ep.observations[t], ep.actions[t]), ep.observations[t + 1],
+                                       atol=1e-5)
+    # A resumed run's end replaces the dataset its first part wrote, with every episode of both.
+    asyncio.run(Trainer(config(4000), run_dir=run, resume=True).run())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    again = datasets.read_episodes("cartpole/replay-v0")
+    assert len(again) > len(episodes) and len(again) >= rows[-1]["charts/episodes"] - 8
+    np.testing.assert_array_equal(again[0].observations, episodes[0].observations)
+
+
+@pytest.mark.parametrize("case", ["exists", "on_policy", "offline"])
+def test_record_dataset_refuses_in_one_line_before_the_run_starts(store, capsys, tmp_path, case):
+    datasets.write("cartpole/kept-v0", [Episode(np.zeros((2, 4), np.float32), np.zeros(1, np.int64),
+                                                np.ones(1), np.ones(1, bool), np.zeros(1, bool))],
+                   __import__("asyncrl.wiring", fromlist=["probe_spec"]).probe_spec(resolve_config("dqn")),
+                   "dqn", {})
+    algo, dataset = {"exists": ("dqn", "cartpole/kept-v0"), "on_policy": ("ppo", "cartpole/new-v0"),
+                     "offline": ("bc", "cartpole/new-v0")}[case]
+    extra = ["--dataset", "cartpole/kept-v0"] if case == "offline" else []
+    code = cli.main(["run", algo, "--no-live", "--run-dir", str(tmp_path / "run"), *extra,
+                     "--set", f"train.record_dataset='{dataset}'"])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert {"exists": "exists already", "on_policy": "RolloutQueue",
+            "offline": "an offline run (replay.dataset) plays none"}[case] in lines[0]
+    assert not (tmp_path / "run").exists()
+    assert sorted(m.name for m in store.rglob("*-v0")) == ["kept-v0"]
 
 
 # --- learning from a dataset -------------------------------------------------------------------
@@ -204,7 +274,7 @@ def test_the_dataset_the_learner_draws_holds_the_recorded_steps(run_dir, store, 
             actor.close()
 
 
-@pytest.mark.parametrize("case", ["bc_without_dataset", "missing_dataset", "other_env"])
+@pytest.mark.parametrize("case", ["bc_without_dataset", "missing_dataset", "other_env", "empty", "truncated"])
 def test_an_offline_run_refuses_bad_datasets_in_one_line(store, capsys, case):
     pendulum = datasets.spaces(__import__("asyncrl.wiring", fromlist=["probe_spec"]).probe_spec(
         resolve_config("sac")))
@@ -216,15 +286,30 @@ def test_an_offline_run_refuses_bad_datasets_in_one_line(store, capsys, case):
                                                actions=[np.zeros(1, np.float32)] * 2, rewards=[0.0, 0.0],
                                                terminations=[False, False], truncations=[False, True])],
             observation_space=pendulum[0], action_space=pendulum[1], data_format="hdf5")
+    if case in ("empty", "truncated"):
+        import gymnasium
+        from minari.data_collector.episode_buffer import EpisodeBuffer
+
+        env = gymnasium.make("CartPole-v1")
+        buffers = [] if case == "empty" else [EpisodeBuffer(
+            id=0, observations=[env.observation_space.sample() for _ in range(201)], actions=[0] * 200,
+            rewards=[1.0] * 200, terminations=[False] * 199 + [True], truncations=[False] * 200)]
+        minari.create_dataset_from_buffers(f"cartpole/{case}-v0", buffers, env="CartPole-v1", data_format="hdf5")
+        if case == "truncated":
+            data = next((store / "cartpole" / "truncated-v0" / "data").glob("*.hdf5"))
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     args = {"bc_without_dataset": ["run", "bc", "--no-live"],
             "missing_dataset": ["run", "bc", "--dataset", "cartpole/none-v0", "--no-live"],
-            "other_env": ["run", "bc", "--dataset", "pendulum/tiny-v0", "--no-live"]}[case]
+            "other_env": ["run", "bc", "--dataset", "pendulum/tiny-v0", "--no-live"],
+            "empty": ["run", "cql", "--dataset", "cartpole/empty-v0", "--no-live"],
+            "truncated": ["run", "bc", "--dataset", "cartpole/truncated-v0", "--no-live"]}[case]
     code = cli.main([*args, "--run-dir", str(store.parent / "run")])
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
     assert {"bc_without_dataset": "bc learns from a dataset only", "missing_dataset": "no local dataset cartpole/none-v0",
-            "other_env": "pendulum/tiny-v0 holds observations of"}[case] in lines[0]
+            "other_env": "pendulum/tiny-v0 holds observations of", "empty": "cartpole/empty-v0 holds no steps",
+            "truncated": "dataset cartpole/truncated-v0 is unreadable"}[case] in lines[0]
     assert not (store.parent / "run").exists()
 
 
@@ -237,6 +322,48 @@ def test_bc_on_an_expert_dataset_reaches_475(dqn_cartpole_serial, store, capsys,
         "replay.dataset='cartpole/expert-v0'", "train.seed=0", "train.mode='serial'",
         "train.tensorboard=false"]), run_dir=tmp_path / "bc").run(), 300))
     assert result["eval"]["eval/return_mean"] >= 475 and result["reached_target_at"] <= 5000, result
+
+
+def test_an_offline_run_resumed_online_acts_from_its_checkpoint_with_the_dataset_in_replay(
+        run_dir, store, capsys, tmp_path):
+    """run --resume OFFLINE_RUN --online: the same algorithm goes on with actors (CQL fine-tuned
+    online), from the offline checkpoint's networks and counters, its replay started with the
+    dataset it learnt from."""
+    import argparse
+
+    from algos.cql import CQL
+    from resume_checks import assert_resumed_from, newest, watch_first_update
+
+    code, printed, err = record(capsys, str(run_dir), "--dataset", "cartpole/o2o-v0", "--episodes", "10")
+    assert code == 0, err
+    out = tmp_path / "cql"
+    offline = resolve_config("cql", overrides=[
+        "replay.dataset='cartpole/o2o-v0'", "train.mode='serial'", "train.total_env_steps=200",
+        "train.eval_every=100000", "train.eval_episodes=1", "train.tensorboard=false", "learner.batch_size=32"])
+    asyncio.run(Trainer(offline, run_dir=out).run())
+    manifest, state, _ = newest(out)
+
+    def args(**kw):
+        return argparse.Namespace(**{"algo": None, "config": None, "env": None, "dataset": None, "online": True,
+                                     "set": ["train.total_env_steps=1200", "replay.min_size_to_sample=64"], **kw})
+
+    online = cli.resolve_config(args(resume=str(out)))
+    assert online.replay.dataset is None and online.replay.prefill == "cartpole/o2o-v0"
+    trainer = Trainer(online, run_dir=out, resume=True)
+    with pytest.MonkeyPatch.context() as mp:
+        first = watch_first_update(mp, CQL, trainer, probe=lambda algo: trainer.c.replay.size)
+        result = asyncio.run(asyncio.wait_for(trainer.run(), 120))
+    assert_resumed_from(first, manifest, state)
+    assert first["probe"] >= printed["steps"] + printed["episodes"]  # every dataset row, before the actors' few
+    # The actors acted 1,000 env steps past the offline run's 200 (its updates), and learning went on.
+    assert result["env_steps"] >= 1200 and result["updates"] > manifest["updates"] + 10
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["charts/episodes"] > 0
+    # --online needs an offline run to go on from.
+    with pytest.raises(cli.ConfigError, match="learnt online already"):
+        cli.resolve_config(args(resume=str(run_dir)))
+    with pytest.raises(cli.ConfigError, match="goes with --resume"):
+        cli.resolve_config(args(resume=None, algo="cql"))
 
 
 # --- CQL ---------------------------------------------------------------------------------------
@@ -280,13 +407,52 @@ def test_cql_is_dqn_plus_a_gap_that_pushes_down_the_actions_the_data_never_took(
 
 
 @pytest.mark.learning
-def test_cql_learns_cartpole_from_a_noisy_expert_dataset(dqn_cartpole_serial, store, capsys, tmp_path):
-    """Half of the dataset's actions are uniform ones (its episodes return ~100)."""
-    _, _, expert = dqn_cartpole_serial
-    code, printed, err = record(capsys, str(expert), "--dataset", "cartpole/noisy-v0", "--episodes", "50",
-                                "--epsilon", "0.5")
-    assert code == 0 and printed["return_mean"] < 250, (printed, err)
-    result = asyncio.run(asyncio.wait_for(Trainer(resolve_config("cql", overrides=[
-        "replay.dataset='cartpole/noisy-v0'", "train.seed=0", "train.mode='serial'",
-        "train.tensorboard=false"]), run_dir=tmp_path / "cql").run(), 300))
-    assert result["eval"]["eval/return_mean"] >= 475 and result["reached_target_at"] <= 10_000, result
+def test_cql_beats_bc_on_a_medium_replay_dataset(store, tmp_path):
+    """A DQN run's first 20k env steps, every episode of them (train.record_dataset, offline RL's
+    medium-replay): mostly poor episodes (their mean return is ~90; the run's own policy reached
+    ~150). BC imitates that mix; CQL learns from its rewards and goes past it."""
+    def serial(algo: str, *extra: str):
+        return resolve_config(algo, overrides=["train.seed=0", "train.mode='serial'", "train.tensorboard=false",
+                                               "train.eval_episodes=10", *extra])
+
+    dqn = asyncio.run(Trainer(serial("dqn", "train.total_env_steps=20000", "train.eval_every=100000",
+                                     "train.target_return=1e9", "train.record_dataset='cartpole/replay-v0'"),
+                              run_dir=tmp_path / "dqn").run())
+    assert dqn["dataset"]["return_mean"] < 150 and dqn["dataset"]["episodes"] > 150, dqn["dataset"]
+    cql = asyncio.run(asyncio.wait_for(Trainer(serial(
+        "cql", "replay.dataset='cartpole/replay-v0'", "train.total_env_steps=15000", "train.eval_every=1000",
+        "train.target_return=400"), run_dir=tmp_path / "cql").run(), 300))
+    assert cql.get("reached_target_at", 1e9) <= 15_000, cql
+    asyncio.run(asyncio.wait_for(Trainer(serial(
+        "bc", "replay.dataset='cartpole/replay-v0'", "train.total_env_steps=5000", "train.eval_every=1000",
+        "train.target_return=1e9"), run_dir=tmp_path / "bc").run(), 300))
+    bc_best = max(json.loads(line).get("eval/return_mean", 0) for line in
+                  (tmp_path / "bc" / "metrics.jsonl").read_text().splitlines())
+    assert bc_best < cql["eval"]["eval/return_mean"], (bc_best, cql["eval"])
+
+
+# --- bench: an offline learner beside the bare update --------------------------------------------
+
+
+def test_bench_measures_an_offline_learner_and_refuses_one_without_its_dataset(run_dir, store, capsys):
+    import math
+
+    from asyncrl.benchmark import run_bench
+
+    code, _, err = record(capsys, str(run_dir), "--dataset", "cartpole/bench-v0", "--episodes", "5")
+    assert code == 0, err
+    result = run_bench(bc_config("cartpole/bench-v0", "learner.batch_size=64"), seconds=0.5, repeats=1,
+                       warmup_s=0.2)
+    f, r = result["figures"], result["ratios"]
+    assert math.isnan(f["env_ceiling"]["median"]) and math.isnan(f["acting"]["median"])  # no env stepped
+    for name in ("learning_ceiling", "learner", "end_to_end_updates"):
+        assert f[name]["median"] > 0, name
+    # An offline run's steps are its updates.
+    assert f["end_to_end_env_steps"]["median"] == pytest.approx(f["end_to_end_updates"]["median"], rel=0.05)
+    assert r["offline_over_learning_ceiling"] == pytest.approx(
+        f["end_to_end_updates"]["median"] / f["learning_ceiling"]["median"])
+    assert result["summary"]["dataset"] == "cartpole/bench-v0" and result["placement"] == "none"
+    code = cli.main(["bench", "bc", "--seconds", "0.1", "--repeats", "1"])
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "bench it with --dataset ID" in lines[0], err

@@ -90,7 +90,8 @@ def command(args: argparse.Namespace, console: Console,
     ``loop_factory`` (asyncio's own when None); bad input raises ConfigError."""
 
     def resolve_config(ns: argparse.Namespace) -> Config:
-        return registry.resolve_config(ns.algo, ns.config, ns.env, ns.set)
+        dataset = [f"replay.dataset={json.dumps(ns.dataset)}"] if getattr(ns, "dataset", None) else []
+        return registry.resolve_config(ns.algo, ns.config, ns.env, [*ns.set, *dataset])
 
     if not args.seconds > 0:
         raise ConfigError(f"--seconds must be > 0, got {args.seconds}")
@@ -112,10 +113,9 @@ def command(args: argparse.Namespace, console: Console,
     else:
         key, configs = "", [(None, resolve_config(args))]
     for _, config in configs:
-        if config.replay.dataset is not None or needs_dataset(registry.get(config.algo.name)):
-            raise ConfigError(f"bench measures acting and learning on envs; {config.algo.name} from a "
-                              "dataset (replay.dataset) is not benchmarked yet: an offline run shows its "
-                              "updates/s in the live view and in metrics.jsonl")
+        if config.replay.dataset is None and needs_dataset(registry.get(config.algo.name)):
+            raise ConfigError(f"{config.algo.name} learns from a dataset only: bench it with --dataset ID "
+                              "(python -m asyncrl record makes one)")
 
     def progress(name: str, repeat: int, value: float) -> None:
         mode, unit = FIGURES[name]

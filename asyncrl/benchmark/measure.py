@@ -12,6 +12,7 @@ mode, no evaluation or checkpoint in the window); the algorithm is touched only 
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     where = placement(config, device, None)
     spec = probe_spec(config)
     runs: dict[str, list[float]] = {name: [] for name in FIGURES}
+    offline = config.replay.dataset is not None
 
     def record(name: str, repeat: int, value: float) -> None:
         runs[name].append(value)
@@ -65,8 +67,12 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     torch.set_num_threads(config.learner.torch_threads)  # as the trainer does for its whole run
     try:
         for i in range(repeats):
-            record("env_ceiling", i, measure_env_ceiling(config, spec, seconds, warmup_s))
-            record("acting", i, await measure_acting(config, seconds, warmup_s))
+            if offline:  # no env is stepped: the dataset is the data
+                record("env_ceiling", i, math.nan)
+                record("acting", i, math.nan)
+            else:
+                record("env_ceiling", i, measure_env_ceiling(config, spec, seconds, warmup_s))
+                record("acting", i, await measure_acting(config, seconds, warmup_s))
             record("learning_ceiling", i, measure_learning_ceiling(config, spec, seconds, warmup_s))
             record("learner", i, await measure_learner(config, seconds, warmup_s,
                                                        in_thread=where == "inline"))
@@ -83,7 +89,7 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     learner_runs = "serial" if config.train.mode == "serial" else "thread" if in_thread else "loop"
     per_update = (learner_batch_size(config, data) * data.length if on_policy
                   else None)  # on-policy: every trajectory step is used once
-    return summarize(config, runs, per_update, in_turns=on_policy and data.wait_for_learner,
+    return summarize(config, runs, per_update, in_turns=on_policy and data.wait_for_learner, offline=offline,
                      device=str(device), placement=where, learner_runs=learner_runs,
                      seconds=seconds, warmup_s=warmup_s)
 
@@ -172,9 +178,10 @@ async def measure_learner(config: Config, seconds: float, warmup_s: float, in_th
         if isinstance(c.replay, RolloutQueue):
             return await _measure_trajectory_learner(c, seconds, warmup_s, in_thread)
         r = config.replay
-        fill_replay(c.replay, c.spec, min(r.capacity, _REPLAY_FILL * r.min_size_to_sample),
-                    np.random.default_rng(config.train.seed))
-        c.limiter.try_insert(max(c.replay.size, r.min_size_to_sample))  # the limiter's bookkeeping
+        if r.dataset is None:  # an offline run's replay holds its dataset, and its gate is open
+            fill_replay(c.replay, c.spec, min(r.capacity, _REPLAY_FILL * r.min_size_to_sample),
+                        np.random.default_rng(config.train.seed))
+            c.limiter.try_insert(max(c.replay.size, r.min_size_to_sample))  # the limiter's bookkeeping
         if config.train.mode == "serial":
             def step() -> None:
                 c.limiter.try_sample()

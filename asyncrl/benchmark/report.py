@@ -27,12 +27,14 @@ RATIOS = ("acting_over_env_ceiling", "learner_over_learning_ceiling", "overlap_e
 
 
 def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: float | None = None,
-              in_turns: bool = False, **context: Any) -> dict[str, Any]:
+              in_turns: bool = False, offline: bool = False, **context: Any) -> dict[str, Any]:
     """Medians, spreads and ratios of raw per-repeat figures. ``inserts_per_update``: env steps
     one update consumes, given for on-policy data (default: from the replay's samples per
     insert, off-policy). ``in_turns``: acting waits for each update (PPO's policy lag 0), so
     acting and learning cannot overlap and the whole run's bound is their series rate,
-    1 / (1 / acting + 1 / learner), not the slower one."""
+    1 / (1 / acting + 1 / learner), not the slower one. ``offline``: learning from a dataset, no
+    env is stepped: the whole run's bound is the learner's updates/s, and the run's updates/s
+    over the bare update's is the offline learner's cost (``offline_over_learning_ceiling``)."""
     figures = {name: {"unit": FIGURES[name][1], "runs": values, "median": statistics.median(values),
                       "min": min(values), "max": max(values)} for name, values in runs.items()}
     median = {name: f["median"] for name, f in figures.items()}
@@ -40,7 +42,9 @@ def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: 
     if not on_policy:
         inserts_per_update = config.learner.batch_size / config.replay.samples_per_insert
     learner_env_steps = median["learner"] * inserts_per_update  # env steps/s the learner could serve
-    if in_turns:
+    if offline:
+        bound = median["learner"]  # updates/s: the run's steps are its updates
+    elif in_turns:
         bound = 1.0 / (1.0 / median["acting"] + 1.0 / learner_env_steps) if min(
             median["acting"], learner_env_steps) > 0 else 0.0
     else:
@@ -50,6 +54,8 @@ def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: 
         "learner_over_learning_ceiling": _ratio(median["learner"], median["learning_ceiling"]),
         "overlap_efficiency": _ratio(median["end_to_end_env_steps"], bound),
     }
+    if offline:
+        ratios["offline_over_learning_ceiling"] = _ratio(median["end_to_end_updates"], median["learning_ceiling"])
     e = config.env
     return {
         **context,
@@ -60,14 +66,14 @@ def summarize(config: Config, runs: dict[str, list[float]], inserts_per_update: 
             "batch_size": e.actor_batch, "num_actors": config.actors.num_actors,
             "learner_batch": config.learner.batch_size,
             "samples_per_insert": config.replay.samples_per_insert, "mode": config.train.mode,
-            "on_policy": on_policy,
+            "on_policy": on_policy, "dataset": config.replay.dataset,
         },
         "figures": figures,
         "inserts_per_update": inserts_per_update,
         "learner_env_steps_per_s": learner_env_steps,
         "in_turns": in_turns,
         "bound_env_steps_per_s": bound,
-        "slower_side": "acting" if median["acting"] <= learner_env_steps else "learner",
+        "slower_side": "learner" if offline else "acting" if median["acting"] <= learner_env_steps else "learner",
         "ratios": ratios,
         "config": config.to_dict(),
     }
@@ -85,6 +91,7 @@ def render(result: dict[str, Any]) -> Group:
         f"{result['torch_threads']}; {result['seconds']:g} s per mode after {result['warmup_s']:g} s "
         f"warm-up, "
         f"{result['repeats']} repeat{'s, interleaved' if result['repeats'] > 1 else ''}\n",
+        f"dataset {s['dataset']}, no env; learner batch {s['learner_batch']}" if s.get("dataset") else
         f"env: {s['num_envs']} envs, batch {s['batch_size']} ({env_mode}), {actors}; " + (
             f"{result['inserts_per_update']:g} env steps of trajectories per update, each used once"
             + ("; acting waits for each update (policy lag 0)" if result.get("in_turns") else "")
@@ -92,12 +99,14 @@ def render(result: dict[str, Any]) -> Group:
             f"learner batch {s['learner_batch']}, samples per insert {s['samples_per_insert']:g} "
             f"({result['inserts_per_update']:g} inserts per update)"))
     where = {"thread": "in a thread", "loop": "in the loop", "serial": "serial steps"}[result["learner_runs"]]
+    source = f"dataset {s['dataset']}" if s.get("dataset") else "synthetic replay"
     what = {
         "env_ceiling": "one pool, random actions",
         "acting": f"{actors} ({result['placement']}), inference + inserts, no learner",
         "learning_ceiling": "bare algo.update on one synthetic batch",
-        "learner": f"engine learner {where}, synthetic replay, no actors",
-        "end_to_end_env_steps": ("Trainer" if s.get("on_policy") else
+        "learner": f"engine learner {where}, {source}, no actors",
+        "end_to_end_env_steps": ("Trainer (offline: its steps are updates)" if s.get("dataset") else
+                                 "Trainer" if s.get("on_policy") else
                                  f"Trainer at samples per insert {s['samples_per_insert']:g}"),
         "end_to_end_updates": "",
     }
@@ -118,6 +127,13 @@ def render(result: dict[str, Any]) -> Group:
                    f"{fmt(f['acting']['median'])} / {fmt(f['env_ceiling']['median'])}{per_pool}")
     ratios.add_row("learner / learning ceiling", fmt_ratio(r["learner_over_learning_ceiling"]),
                    f"{fmt(f['learner']['median'])} / {fmt(f['learning_ceiling']['median'])}")
+    if s.get("dataset"):  # learning from a dataset: no env, the learner is the run
+        ratios.add_row("end to end / learner", fmt_ratio(r["overlap_efficiency"]),
+                       f"{fmt(f['end_to_end_updates']['median'])} / {fmt(f['learner']['median'])} updates/s")
+        ratios.add_row("end to end / learning ceiling", fmt_ratio(r["offline_over_learning_ceiling"]),
+                       f"{fmt(f['end_to_end_updates']['median'])} / {fmt(f['learning_ceiling']['median'])} "
+                       f"updates/s: what learning from {s['dataset']} costs beside the bare update")
+        return Group(header, table, Text(""), ratios, Text(""))
     if result.get("in_turns"):  # acting and learning take turns: their series rate bounds the run
         ratios.add_row("overlap efficiency", fmt_ratio(r["overlap_efficiency"]),
                        f"{fmt(f['end_to_end_env_steps']['median'])} / {fmt(result['bound_env_steps_per_s'])} "
