@@ -22,8 +22,9 @@ from asyncrl.acting import PolicyStep
 from asyncrl.core import EnvSpec
 from asyncrl.envs import VecEnv
 
-# namespace/name-vN or name-vN, as Minari names datasets (e.g. cartpole/expert-v0)
-_DATASET_ID = re.compile(r"^([\w.-]+/)*[\w.-]+-v\d+$")
+# namespace/name-vN or name-vN, as Minari parses them (e.g. cartpole/expert-v0): letters, digits,
+# "_" and "-" only (Minari makes a dataset's folder before it refuses a dot, and then lists none)
+_DATASET_ID = re.compile(r"^(?:[-\w][-\w/]*[-\w]/)?[-\w]+-v\d+$")
 
 
 class DatasetError(Exception):

@@ -124,7 +124,7 @@ def test_a_dataset_made_with_minaris_own_tools_reads_and_is_checked_against_the_
         datasets.read_episodes("cartpole/random-v0", cartpole)
 
 
-@pytest.mark.parametrize("case", ["exists", "bad_id", "not_a_run", "no_minari", "bad_epsilon"])
+@pytest.mark.parametrize("case", ["exists", "bad_id", "dotted_id", "not_a_run", "no_minari", "bad_epsilon"])
 def test_bad_input_is_one_line_and_exit_2_with_nothing_touched(run_dir, store, capsys, tmp_path, case):
     datasets.write("cartpole/kept-v0", [Episode(np.zeros((2, 4), np.float32), np.zeros(1, np.int64),
                                                 np.ones(1), np.ones(1, bool), np.zeros(1, bool))],
@@ -132,6 +132,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_touched(run_dir, store, c
     before = sorted(p.relative_to(store) for p in store.rglob("*"))
     args = {"exists": [str(run_dir), "--dataset", "cartpole/kept-v0"],
             "bad_id": [str(run_dir), "--dataset", "cartpole kept"],
+            "dotted_id": [str(run_dir), "--dataset", "pendulum/e0.3-v0"],
             "not_a_run": [str(tmp_path), "--dataset", "cartpole/new-v0"],
             "no_minari": [str(run_dir), "--dataset", "cartpole/new-v0"],
             "bad_epsilon": [str(run_dir), "--dataset", "cartpole/new-v0", "--epsilon", "1.5"]}[case]
@@ -141,7 +142,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_touched(run_dir, store, c
         code, _, err = record(capsys, *args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert {"exists": "exists already", "bad_id": "not a Minari id", "not_a_run": "not a run directory",
+    assert {"exists": "exists already", "bad_id": "not a Minari id", "dotted_id": "not a Minari id", "not_a_run": "not a run directory",
             "no_minari": "pip install 'asyncrl[offline]'", "bad_epsilon": "--epsilon"}[case] in lines[0]
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
     assert datasets.read_episodes("cartpole/kept-v0")[0].rewards.tolist() == [1.0]
