@@ -150,10 +150,10 @@ class ReplayConfig(ConfigModel):
         "(train.total_env_steps, eval_every, checkpoint_every and log_every count updates).")
     demonstrations: str | None = Field(
         None,
-        description="Mix transitions of this local Minari dataset (demonstrations, DQfD / R2D3 style) "
-        "into every learner batch of an online run, replay.demo_ratio of it. Transition replay only "
-        "(DQN, Rainbow, SAC, TD3). The rate limiter counts the online part only: "
-        "replay.samples_per_insert stays how often each online step is drawn.")
+        description="Mix items of this local Minari dataset (demonstrations, DQfD / R2D3 style) into "
+        "every learner batch of an online run, replay.demo_ratio of it: n-step transitions (DQN, "
+        "Rainbow, SAC, TD3) or sequences with zero actor states (R2D2, as R2D3). The rate limiter "
+        "counts the online part only: replay.samples_per_insert stays how often each online step is drawn.")
     prefill: str | None = Field(
         None,
         description="Start the replay with the episodes of this local Minari dataset, spread over the "

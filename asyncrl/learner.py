@@ -139,14 +139,12 @@ class MixedDraw:
         self.batch_size = online.batch_size + demo.batch_size
         self.prioritized = online.prioritized
 
-    def __call__(self, count: int) -> list[tuple[TransitionBatch, tuple[np.ndarray, np.ndarray]]]:
+    def __call__(self, count: int) -> list[tuple[TransitionBatch | SequenceBatch, tuple[np.ndarray, np.ndarray]]]:
         drawn = []
         for (online, online_keys), (demo, demo_keys) in zip(self.online(count), self.demo(count)):
             t0 = time.perf_counter()
-            batch = TransitionBatch(**{name: torch.cat((getattr(online, name), getattr(demo, name)))
-                                       for name in _FIELDS})
+            drawn.append((_joined(online, demo), (online_keys, demo_keys)))
             self.online.timer.add("h2d", time.perf_counter() - t0)
-            drawn.append((batch, (online_keys, demo_keys)))
         return drawn
 
     def write_back(self, keys: tuple[np.ndarray, np.ndarray], priorities: np.ndarray) -> None:
@@ -156,6 +154,16 @@ class MixedDraw:
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+
+def _joined(a: TransitionBatch | SequenceBatch, b: TransitionBatch | SequenceBatch) -> TransitionBatch | SequenceBatch:
+    """One batch of ``a``'s items then ``b``'s: transitions batch first, sequences time first
+    (their actor states and weights batch first)."""
+    if isinstance(a, TransitionBatch):
+        return TransitionBatch(**{name: torch.cat((getattr(a, name), getattr(b, name))) for name in _FIELDS})
+    return SequenceBatch(**{name: torch.cat((getattr(a, name), getattr(b, name)), dim=1) for name in _SEQUENCE_FIELDS},
+                         state={name: torch.cat((a.state[name], b.state[name])) for name in a.state},
+                         weights=torch.cat((a.weights, b.weights)))
 
 
 class QueueDraw:

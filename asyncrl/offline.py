@@ -20,11 +20,12 @@ from asyncrl.acting import Acted
 from asyncrl.actor import ActorBase
 from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError, require_memory
-from asyncrl.core import Algorithm, TransitionData
+from asyncrl.core import Algorithm, SequenceData, TransitionData, actor_state_spec
 from asyncrl.datasets import Episode, read_episodes
 from asyncrl.learner import ReplayDraw
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
+from asyncrl.sequence import SequenceAdder, SequenceReplay
 from asyncrl.staging import Staging
 
 _CLOCK_PERIOD_S = 0.002  # how often the clock looks at the update count
@@ -103,32 +104,38 @@ class UpdateClock(ActorBase):
         pass
 
 
-def fill(replay: Replay, episodes: list[Episode], adder: NStepAdder) -> None:
-    """Every episode into stream 0 through ``adder``, as EnvPool would have returned them: each
+def fill(replay: Replay | SequenceReplay, episodes: list[Episode], adder: NStepAdder,
+         state: dict[str, np.ndarray] | None = None) -> None:
+    """Every episode into ``adder``'s stream, as EnvPool would have returned them: each
     episode's first observation (a reset step, reward 0), then its steps; the action sent with a
-    final observation is not taken (the next step resets)."""
+    final observation is not taken (the next step resets). ``state``: the actor state stored with
+    every step of a sequence replay (a dataset holds none: zeros, which R2D2's burn-in makes up
+    for, the R2D2 paper's "zero state" strategy)."""
     env0, zero, no = np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, bool)
+    state = state or {}
     for episode in episodes:
         obs, actions = episode.observations, episode.actions
         adder.observe(env0, obs[:1], zero, no, no)
         for t in range(len(actions)):
-            adder.record_actions(env0, Acted(actions[t:t + 1], {}, {}, 0))
+            adder.record_actions(env0, Acted(actions[t:t + 1], {}, state, 0))
             adder.observe(env0, obs[t + 1:t + 2], episode.rewards[t:t + 1].astype(np.float32),
                           episode.terminations[t:t + 1], episode.truncations[t:t + 1])
-        adder.record_actions(env0, Acted(np.zeros_like(actions[:1]), {}, {}, 0))  # not taken
+        adder.record_actions(env0, Acted(np.zeros_like(actions[:1]), {}, state, 0))  # not taken
     # The last final observation goes in as the next reset step arrives: one that never comes
     # but for this (its own row has no successor, so it is never drawn).
     adder.observe(env0, episodes[0].observations[:1], zero, no, no)
-    adder.record_actions(env0, Acted(np.zeros_like(episodes[0].actions[:1]), {}, {}, 0))
+    adder.record_actions(env0, Acted(np.zeros_like(episodes[0].actions[:1]), {}, state, 0))
 
 
 class OfflinePlan:
-    """n-step transitions drawn from a dataset; the algorithm's own n-step and discount apply."""
+    """n-step transitions (the algorithm's own n-step and discount) or sequences (its length and
+    period, zero actor states) drawn from a dataset."""
 
     def place(self, config: Config, algo: Algorithm, where: str) -> str:
-        if not isinstance(algo.data, TransitionData):
-            raise ConfigError(f"{config.algo.name} learns from {type(algo.data).__name__}; "
-                              "replay.dataset serves n-step transitions only (DQN, SAC, TD3, BC, CQL)")
+        if not isinstance(algo.data, (TransitionData, SequenceData)):
+            raise ConfigError(f"{config.algo.name} learns from {type(algo.data).__name__}, each used once as "
+                              "it is acted; replay.dataset serves n-step transitions (DQN, SAC, TD3, BC, CQL) "
+                              "and sequences (R2D2)")
         return "none"
 
     def make(self, s: Any) -> Any:
@@ -142,11 +149,12 @@ class OfflinePlan:
                     actor_cls=UpdateClock)
 
 
-def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay:
+def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay | SequenceReplay:
     """A replay holding every episode of a local Minari dataset (checked against the run's env),
-    in the run's dtypes, n-step and discount; prioritised as ``replay.prioritized`` says. It
-    lives in this process only: an offline run's learner and an online run's demonstrations
-    (:class:`~asyncrl.learner.MixedDraw`) read it, and no actor writes it."""
+    in the run's dtypes, n-step and discount (or sequence length and period, with zero actor
+    states); prioritised as ``replay.prioritized`` says. It lives in this process only: an
+    offline run's learner and an online run's demonstrations (:class:`~asyncrl.learner.MixedDraw`)
+    read it, and no actor writes it."""
     config, spec, data = s.config, s.spec, s.algo.data
     r = config.replay
     episodes = read_episodes(dataset_id, spec)
@@ -154,13 +162,22 @@ def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay:
     step_bytes = 32 + episodes[0].observations[0].nbytes + max(1, episodes[0].actions[:1].nbytes)
     require_memory("replay.dataset" if dataset_id == r.dataset else "replay.demonstrations",
                    f"a replay of dataset {dataset_id} ({rows} steps)", rows * step_bytes)
-    # Room for every row and the n-step look-ahead; a ring that never wraps.
+    alpha = r.priority_exponent if r.prioritized else 0.0
+    shapes = dict(obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype, action_shape=spec.action_shape,
+                  action_dtype=spec.action_dtype)
+    episodes = [_as(spec, ep) for ep in episodes]
+    # Room for every row and the n-step or sequence look-ahead: a ring that never wraps.
+    if isinstance(data, SequenceData):
+        states = actor_state_spec(s.algo) or {}
+        replay = SequenceReplay(max(rows + data.length + 16, 2 * data.length), 1, spec.obs_shape, spec.obs_dtype,
+                                spec.action_shape, spec.action_dtype, data.length, data.period, states,
+                                priority_exponent=alpha, seed=seed)
+        adder = SequenceAdder(replay, streams_offset=0, num_envs=1, state_spec=states, **shapes)
+        fill(replay, episodes, adder, {name: np.zeros((1, *shape), dtype) for name, (shape, dtype) in states.items()})
+        return replay
     replay = Replay(rows + data.n_step + 16, 1, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                    spec.action_dtype, data.n_step, data.gamma,
-                    priority_exponent=r.priority_exponent if r.prioritized else 0.0, seed=seed)
-    adder = NStepAdder(replay, streams_offset=0, num_envs=1, obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype,
-                       action_shape=spec.action_shape, action_dtype=spec.action_dtype)
-    fill(replay, [_as(spec, ep) for ep in episodes], adder)
+                    spec.action_dtype, data.n_step, data.gamma, priority_exponent=alpha, seed=seed)
+    fill(replay, episodes, NStepAdder(replay, streams_offset=0, num_envs=1, **shapes))
     return replay
 
 

@@ -7,7 +7,8 @@ dataset, :mod:`asyncrl.offline`) is one new plan here and nothing else.
 
 - :class:`TransitionPlan`: n-step transitions, uniform or prioritised (DQN, Rainbow, SAC, TD3);
   with ``replay.demonstrations``, a dataset's transitions mixed into each batch (a
-  :class:`~asyncrl.learner.MixedDraw` over the online replay's draw and the dataset's).
+  :class:`~asyncrl.learner.MixedDraw` over the online replay's draw and the dataset's; sequences
+  alike, R2D3's way).
 - :class:`SequencePlan`: fixed-length sequences with the actor's recurrent state (R2D2).
 - :class:`TrajectoryPlan`: whole trajectories through a FIFO queue, each used once (PPO, IMPALA).
 """
@@ -169,8 +170,11 @@ class ReplayPlan:
     def _adder_kwargs(self, s: Setting) -> dict[str, Any]:
         return {}
 
-    def _demonstrations(self, s: Setting) -> Replay:
-        raise NotImplementedError  # plan_for refuses demonstrations for this kind
+    def _demonstrations(self, s: Setting) -> Replay | SequenceReplay:
+        from asyncrl.offline import dataset_replay  # imports the dataset reader (Minari, lazily)
+
+        # Read by the learner in this process only: no shared memory. A sampling RNG of its own.
+        return dataset_replay(s, s.config.replay.demonstrations, [s.config.train.seed, 1])
 
 
 class TransitionPlan(ReplayPlan):
@@ -187,11 +191,6 @@ class TransitionPlan(ReplayPlan):
                       spec.action_shape, spec.action_dtype, data.n_step, data.gamma,
                       priority_exponent=alpha, seed=s.config.train.seed, **shared)
 
-    def _demonstrations(self, s: Setting) -> Replay:
-        from asyncrl.offline import dataset_replay  # imports the dataset reader (Minari, lazily)
-
-        # Read by the learner in this process only: no shared memory. A sampling RNG of its own.
-        return dataset_replay(s, s.config.replay.demonstrations, [s.config.train.seed, 1])
 
 
 class SequencePlan(ReplayPlan):
@@ -294,10 +293,10 @@ def plan_for(data: Any, config: Config | None = None) -> Any:
         raise ConfigError(f"invalid config: replay.prefill: {config.algo.name} learns from "
                           f"{type(data).__name__}; a replay starts with a dataset's n-step transitions only "
                           "(DQN, Rainbow, SAC, TD3, CQL)")
-    if config is not None and config.replay.demonstrations is not None and not isinstance(data, TransitionData):
+    if config is not None and config.replay.demonstrations is not None and isinstance(data, TrajectoryData):
         raise ConfigError(f"invalid config: replay.demonstrations: {config.algo.name} learns from "
-                          f"{type(data).__name__}, and demonstrations mix into n-step transition batches "
-                          "only (DQN, Rainbow, SAC, TD3); demonstrations of sequences (R2D3) are not built yet")
+                          f"{type(data).__name__}, each used once as it is acted; demonstrations mix into "
+                          "replayed batches (n-step transitions: DQN, Rainbow, SAC, TD3; sequences: R2D2)")
     try:
         return PLANS[type(data)]
     except KeyError:

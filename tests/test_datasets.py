@@ -275,7 +275,43 @@ def test_the_dataset_the_learner_draws_holds_the_recorded_steps(run_dir, store, 
             actor.close()
 
 
-@pytest.mark.parametrize("case", ["bc_without_dataset", "missing_dataset", "other_env", "empty", "truncated"])
+def test_an_offline_r2d2_run_draws_sequences_of_dataset_episodes_with_zero_states(run_dir, store, capsys, tmp_path):
+    """Sequence data from a dataset: R2D2's length and period over each episode, the actor state
+    zero (a dataset holds none; R2D2's burn-in makes up for it)."""
+    from asyncrl.metrics import Recorder
+    from asyncrl.sequence import SequenceReplay
+    from asyncrl.wiring import build
+
+    code, _, err = record(capsys, str(run_dir), "--dataset", "cartpole/seq-v0", "--episodes", "6")
+    assert code == 0, err
+    episodes = datasets.read_episodes("cartpole/seq-v0")
+    runs = {ep.observations[t].tobytes(): (i, t) for i, ep in enumerate(episodes) for t in range(len(ep.observations))}
+
+    def r2d2(*extra: str):
+        return resolve_config("r2d2", overrides=["replay.dataset='cartpole/seq-v0'", "env.obs_indices=[0, 1, 2, 3]",
+                                                 "train.tensorboard=false", "train.eval_episodes=2", *extra])
+
+    c = build(r2d2("learner.batch_size=16"), Recorder(1000, []))
+    try:
+        assert isinstance(c.replay, SequenceReplay)
+        c.limiter.allow(1)
+        ((batch, _),) = c.learner.sample()
+        for b in range(16):
+            rows = [runs[o.tobytes()] for o, v in zip(batch.obs[:, b].numpy(), batch.valid[:, b].numpy()) if v]
+            assert len({i for i, _ in rows}) == 1  # one episode
+            assert [t for _, t in rows] == list(range(rows[0][1], rows[0][1] + len(rows)))  # its steps in order
+        assert all((s == 0).all() for s in batch.state.values())
+    finally:
+        for actor in c.actors:
+            actor.close()
+    result = asyncio.run(asyncio.wait_for(Trainer(r2d2(
+        "train.mode='serial'", "train.total_env_steps=40", "train.eval_every=20", "train.target_return=1e9"),
+        run_dir=tmp_path / "r2d2").run(), 120))
+    assert result["updates"] == result["env_steps"] == 40 and "eval/return_mean" in result["eval"]
+
+
+@pytest.mark.parametrize("case", ["bc_without_dataset", "missing_dataset", "other_env", "empty", "truncated",
+                                  "on_policy"])
 def test_an_offline_run_refuses_bad_datasets_in_one_line(store, capsys, case):
     pendulum = datasets.spaces(__import__("asyncrl.wiring", fromlist=["probe_spec"]).probe_spec(
         resolve_config("sac")))
@@ -303,14 +339,16 @@ def test_an_offline_run_refuses_bad_datasets_in_one_line(store, capsys, case):
             "missing_dataset": ["run", "bc", "--dataset", "cartpole/none-v0", "--no-live"],
             "other_env": ["run", "bc", "--dataset", "pendulum/tiny-v0", "--no-live"],
             "empty": ["run", "cql", "--dataset", "cartpole/empty-v0", "--no-live"],
-            "truncated": ["run", "bc", "--dataset", "cartpole/truncated-v0", "--no-live"]}[case]
+            "truncated": ["run", "bc", "--dataset", "cartpole/truncated-v0", "--no-live"],
+            "on_policy": ["run", "ppo", "--dataset", "cartpole/none-v0", "--no-live"]}[case]
     code = cli.main([*args, "--run-dir", str(store.parent / "run")])
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err
     assert {"bc_without_dataset": "bc learns from a dataset only", "missing_dataset": "no local dataset cartpole/none-v0",
             "other_env": "pendulum/tiny-v0 holds observations of", "empty": "cartpole/empty-v0 holds no steps",
-            "truncated": "dataset cartpole/truncated-v0 is unreadable"}[case] in lines[0]
+            "truncated": "dataset cartpole/truncated-v0 is unreadable",
+            "on_policy": "ppo learns from TrajectoryData, each used once"}[case] in lines[0]
     assert not (store.parent / "run").exists()
 
 
@@ -425,7 +463,7 @@ def test_cql_beats_bc_on_a_medium_replay_dataset(store, tmp_path):
         "train.target_return=400"), run_dir=tmp_path / "cql").run(), 300))
     assert cql.get("reached_target_at", 1e9) <= 15_000, cql
     asyncio.run(asyncio.wait_for(Trainer(serial(
-        "bc", "replay.dataset='cartpole/replay-v0'", "train.total_env_steps=5000", "train.eval_every=1000",
+        "bc", "replay.dataset='cartpole/replay-v0'", "train.total_env_steps=3000", "train.eval_every=1000",
         "train.target_return=1e9"), run_dir=tmp_path / "bc").run(), 300))
     bc_best = max(json.loads(line).get("eval/return_mean", 0) for line in
                   (tmp_path / "bc" / "metrics.jsonl").read_text().splitlines())

@@ -157,6 +157,46 @@ def test_each_batch_is_the_online_draw_then_round_ratio_times_batch_demonstratio
     assert c.limiter.samples == updates * (BATCH - DEMOS)
 
 
+def test_r2d2_batches_end_with_demonstration_sequences_of_dataset_steps_and_zero_states(store, tmp_path, monkeypatch):
+    """R2D3's way: each batch of sequences holds the online draw's, then round(ratio x batch)
+    sequences of the dataset's episodes with zero actor states; priorities go back apart."""
+    from algos.r2d2 import R2D2
+    from asyncrl.sequence import SequenceReplay
+
+    marked_dataset("cartpole/marked-v0")
+    batches, written = [], []
+    update, update_priorities = R2D2.update, SequenceReplay.update_priorities
+
+    def spy_update(self, batch):
+        batches.append((batch.obs.clone(), batch.valid.clone(), {k: v.clone() for k, v in batch.state.items()}))
+        return update(self, batch)
+
+    def spy_update_priorities(self, keys, priorities):
+        written.append((self, len(keys), len(priorities)))
+        return update_priorities(self, keys, priorities)
+
+    monkeypatch.setattr(R2D2, "update", spy_update)
+    monkeypatch.setattr(SequenceReplay, "update_priorities", spy_update_priorities)
+    trainer = Trainer(resolve_config("r2d2", overrides=[
+        "replay.demonstrations='cartpole/marked-v0'", f"replay.demo_ratio={RATIO}", f"learner.batch_size={BATCH}",
+        "env.obs_indices=[0, 1, 2, 3]", "train.mode='serial'", "replay.min_size_to_sample=300",
+        "replay.samples_per_insert=2", "train.total_env_steps=1200", "train.eval_every=100000",
+        "train.eval_episodes=1", "train.tensorboard=false"]), run_dir=tmp_path / "run")
+    result = asyncio.run(asyncio.wait_for(trainer.run(), 120))
+    demo = trainer.c.learner.draw.demo.replay
+    assert isinstance(demo, SequenceReplay) and demo is not trainer.c.replay
+    assert result["updates"] == len(batches) > 5
+    for obs, valid, state in batches:
+        assert obs.shape[1] == BATCH  # [T, B, 4]: time first
+        marked = (obs[..., 1] >= MARK) & valid  # a dataset step on a row of its episode
+        assert not marked[:, :BATCH - DEMOS].any() and marked[:, BATCH - DEMOS:].any(dim=0).all()
+        assert (marked | ~valid)[:, BATCH - DEMOS:].all()  # demonstration rows are dataset steps only
+        for s in state.values():
+            assert (s[BATCH - DEMOS:] == 0).all()  # a dataset holds no recurrent state
+    assert sorted({(replay is demo, k, p) for replay, k, p in written}) == [
+        (False, BATCH - DEMOS, BATCH - DEMOS), (True, DEMOS, DEMOS)]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["replay.dataset='cartpole/marked-v0'"], "use one or the other"),
     (["learner.batch_size=4", "replay.demo_ratio=0.1"], "leaves 4 online and 0 demonstration items"),
@@ -173,7 +213,6 @@ CLI_CASES = {
     "with_dataset": (["dqn", "--dataset", "cartpole/marked-v0"], "use one or the other"),
     "no_demo_items": (["dqn", "--set", "learner.batch_size=4", "--set", "replay.demo_ratio=0.1"],
                       "0 demonstration items"),
-    "r2d2": (["r2d2", "--set", "train.mode='serial'"], "demonstrations of sequences (R2D3) are not built yet"),
     "ppo": (["ppo", "--set", "train.mode='serial'"], "ppo learns from TrajectoryData"),
     "missing": (["dqn", "--set", "replay.demonstrations='cartpole/none-v0'", "--set", "train.mode='serial'"],
                 "no local dataset cartpole/none-v0"),
