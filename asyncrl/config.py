@@ -159,7 +159,7 @@ class ReplayConfig(ConfigModel):
         description="Start the replay with the episodes of this local Minari dataset, spread over the "
         "env streams (they age out as actors insert): offline-to-online fine-tuning (run --resume "
         "OFFLINE_RUN --online sets it to the offline run's dataset). Learning may start at once; "
-        "samples_per_insert holds from there. Transition replay only.")
+        "samples_per_insert holds from there. Replayed data only (n-step transitions or sequences).")
     demo_ratio: float = Field(
         0.25, gt=0, lt=1,
         description="With replay.demonstrations: the share of each learner batch drawn from the "
@@ -230,7 +230,7 @@ class TrainConfig(ConfigModel):
         description="When the run ends, write the whole episodes its replay holds into this new local "
         "Minari dataset (a 'replay' dataset of every quality the run went through, offline RL's "
         "medium-replay): every episode played when replay.capacity covers train.total_env_steps, "
-        "else the newest. Transition replay only (DQN, SAC, TD3, ...).")
+        "else the newest. Replayed data only (DQN, SAC, TD3, R2D2, ...).")
 
     @field_validator("target_return")
     @classmethod

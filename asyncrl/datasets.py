@@ -173,20 +173,19 @@ def write(dataset_id: str, episodes: list[Episode], spec: EnvSpec, algorithm: st
 
 def check_recordable(dataset_id: str, store: Any, run_dir: str) -> None:
     """Before a run that keeps its episodes (``train.record_dataset``): one line unless its store
-    is a replay of transitions and ``dataset_id`` is new, or was written by this same run when
+    is a replay (of transitions or sequences) and ``dataset_id`` is new, or was written by this same run when
     it stopped before (a resumed run's end then replaces it)."""
-    from asyncrl.replay import Replay
-
-    if not isinstance(store, Replay):
-        raise DatasetError(f"train.record_dataset keeps the episodes of a transition replay; this run's "
-                           f"data is a {type(store).__name__} (DQN, SAC, TD3 and their kin record)")
+    if not hasattr(store, "episodes"):
+        raise DatasetError(f"train.record_dataset keeps the episodes a replay holds; this run's data is a "
+                           f"{type(store).__name__}, each trajectory used once (DQN, SAC, TD3, R2D2 and their "
+                           "kin record)")
     if _written_by(dataset_id, run_dir):
         return
     require_new(dataset_id)
 
 
 def record_replay(dataset_id: str, store: Any, spec: EnvSpec, algorithm: str, run_dir: str) -> dict[str, float]:
-    """Write the whole episodes ``store`` (a :class:`~asyncrl.replay.Replay`) holds into a new
+    """Write the whole episodes ``store`` (a replay of transitions or sequences) holds into a new
     dataset (or replace the one this run wrote before it was resumed); their summary."""
     episodes = [Episode(*parts) for parts in store.episodes()]
     stats = summary(episodes)

@@ -163,33 +163,39 @@ def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay | S
     require_memory("replay.dataset" if dataset_id == r.dataset else "replay.demonstrations",
                    f"a replay of dataset {dataset_id} ({rows} steps)", rows * step_bytes)
     alpha = r.priority_exponent if r.prioritized else 0.0
-    shapes = dict(obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype, action_shape=spec.action_shape,
-                  action_dtype=spec.action_dtype)
-    episodes = [_as(spec, ep) for ep in episodes]
     # Room for every row and the n-step or sequence look-ahead: a ring that never wraps.
     if isinstance(data, SequenceData):
-        states = actor_state_spec(s.algo) or {}
         replay = SequenceReplay(max(rows + data.length + 16, 2 * data.length), 1, spec.obs_shape, spec.obs_dtype,
-                                spec.action_shape, spec.action_dtype, data.length, data.period, states,
-                                priority_exponent=alpha, seed=seed)
-        adder = SequenceAdder(replay, streams_offset=0, num_envs=1, state_spec=states, **shapes)
-        fill(replay, episodes, adder, {name: np.zeros((1, *shape), dtype) for name, (shape, dtype) in states.items()})
-        return replay
-    replay = Replay(rows + data.n_step + 16, 1, spec.obs_shape, spec.obs_dtype, spec.action_shape,
-                    spec.action_dtype, data.n_step, data.gamma, priority_exponent=alpha, seed=seed)
-    fill(replay, episodes, NStepAdder(replay, streams_offset=0, num_envs=1, **shapes))
+                                spec.action_shape, spec.action_dtype, data.length, data.period,
+                                actor_state_spec(s.algo) or {}, priority_exponent=alpha, seed=seed)
+    else:
+        replay = Replay(rows + data.n_step + 16, 1, spec.obs_shape, spec.obs_dtype, spec.action_shape,
+                        spec.action_dtype, data.n_step, data.gamma, priority_exponent=alpha, seed=seed)
+    _write(s, replay, 0, episodes)
     return replay
 
 
-def prefill(s: Any, replay: Replay, episodes: list[Episode]) -> int:
+def _write(s: Any, replay: Replay | SequenceReplay, stream: int, episodes: list[Episode]) -> None:
+    """``episodes`` into one stream of ``replay`` through the adder its kind of data takes (a
+    sequence replay's with zero actor states: a dataset holds none)."""
+    spec = s.spec
+    shapes = dict(obs_shape=spec.obs_shape, obs_dtype=spec.obs_dtype, action_shape=spec.action_shape,
+                  action_dtype=spec.action_dtype)
+    episodes = [_as(spec, ep) for ep in episodes]
+    if isinstance(replay, SequenceReplay):
+        states = actor_state_spec(s.algo) or {}
+        adder = SequenceAdder(replay, streams_offset=stream, num_envs=1, state_spec=states, **shapes)
+        fill(replay, episodes, adder, {name: np.zeros((1, *shape), dtype) for name, (shape, dtype) in states.items()})
+    else:
+        fill(replay, episodes, NStepAdder(replay, streams_offset=stream, num_envs=1, **shapes))
+
+
+def prefill(s: Any, replay: Replay | SequenceReplay, episodes: list[Episode]) -> int:
     """Write ``episodes`` (read for ``replay.prefill``) into an online run's ``replay`` before any
     actor acts, spread round-robin over its streams through the same adder; the rows written.
     Each stream ends at an unapplied final observation, so no return runs into the actors' steps."""
-    spec = s.spec
     for stream in range(min(replay.num_streams, len(episodes))):
-        adder = NStepAdder(replay, streams_offset=stream, num_envs=1, obs_shape=spec.obs_shape,
-                           obs_dtype=spec.obs_dtype, action_shape=spec.action_shape, action_dtype=spec.action_dtype)
-        fill(replay, [_as(spec, ep) for ep in episodes[stream::replay.num_streams]], adder)
+        _write(s, replay, stream, episodes[stream::replay.num_streams])
     return sum(len(ep.actions) + 1 for ep in episodes)
 
 

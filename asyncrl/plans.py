@@ -289,10 +289,10 @@ def plan_for(data: Any, config: Config | None = None) -> Any:
         from asyncrl.offline import OfflinePlan  # imports the dataset reader (Minari, lazily)
 
         return OfflinePlan()
-    if config is not None and config.replay.prefill is not None and not isinstance(data, TransitionData):
+    if config is not None and config.replay.prefill is not None and isinstance(data, TrajectoryData):
         raise ConfigError(f"invalid config: replay.prefill: {config.algo.name} learns from "
-                          f"{type(data).__name__}; a replay starts with a dataset's n-step transitions only "
-                          "(DQN, Rainbow, SAC, TD3, CQL)")
+                          f"{type(data).__name__}, each used once as it is acted; a replay (n-step "
+                          "transitions or sequences) starts with a dataset")
     if config is not None and config.replay.demonstrations is not None and isinstance(data, TrajectoryData):
         raise ConfigError(f"invalid config: replay.demonstrations: {config.algo.name} learns from "
                           f"{type(data).__name__}, each used once as it is acted; demonstrations mix into "

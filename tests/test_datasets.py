@@ -161,6 +161,14 @@ def cartpole_next(obs: np.ndarray, action: int) -> np.ndarray:
     return env.step(int(action))[0]
 
 
+def ended_last(replay) -> int:
+    """Episodes that ended at a stream's newest step: the final observation goes into the replay
+    with the next step, which never came."""
+    newest = (replay.head - 1) % replay.stream_capacity
+    streams = np.arange(replay.num_streams)
+    return int(((replay.terminated | replay.truncated)[streams, newest] & replay.applied[streams, newest]).sum())
+
+
 def test_a_run_records_every_episode_it_played_and_a_resume_replaces_its_own(store, tmp_path):
     run = tmp_path / "run"
 
@@ -170,12 +178,13 @@ def test_a_run_records_every_episode_it_played_and_a_resume_replaces_its_own(sto
             "train.eval_every=100000", "train.eval_episodes=1", "train.tensorboard=false",
             "train.target_return=1e9", "train.record_dataset='cartpole/replay-v0'"])
 
-    cfg = config(2000)
-    result = asyncio.run(Trainer(cfg, run_dir=run).run())
+    trainer = Trainer(config(2000), run_dir=run)
+    result = asyncio.run(trainer.run())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     episodes = datasets.read_episodes("cartpole/replay-v0")
-    # Every episode the 8 envs finished, whole; only the 8 still running at the end are left out.
-    assert len(episodes) == rows[-1]["charts/episodes"] == result["dataset"]["episodes"]
+    # Every episode the 8 envs finished, whole; left out are the 8 still running at the end, and
+    # any that ended at the very last step (its final observation never reached the replay).
+    assert len(episodes) == rows[-1]["charts/episodes"] - ended_last(trainer.c.replay) == result["dataset"]["episodes"]
     steps = sum(len(ep.rewards) for ep in episodes)
     assert result["env_steps"] - 8 * 500 < steps < result["env_steps"]
     for ep in episodes:
@@ -193,6 +202,39 @@ def test_a_run_records_every_episode_it_played_and_a_resume_replaces_its_own(sto
     np.testing.assert_array_equal(again[0].observations, episodes[0].observations)
 
 
+def test_an_r2d2_run_records_its_episodes_and_one_resumed_online_starts_with_them(store, tmp_path):
+    """Sequence replay keeps whole episodes too (the same rings), and an R2D2 replay can start
+    with a dataset's episodes (zero actor states), as --online does."""
+    def r2d2(*extra: str):
+        return resolve_config("r2d2", overrides=[
+            "train.mode='serial'", "env.obs_indices=[0, 1, 2, 3]", "replay.min_size_to_sample=500",
+            "train.eval_every=100000", "train.eval_episodes=1", "train.tensorboard=false", "train.target_return=1e9",
+            *extra])
+
+    trainer = Trainer(r2d2("train.total_env_steps=1500", "train.record_dataset='cartpole/r2d2-v0'"),
+                      run_dir=tmp_path / "run")
+    result = asyncio.run(trainer.run())
+    episodes = datasets.read_episodes("cartpole/r2d2-v0")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    finished = rows[-1]["charts/episodes"] - ended_last(trainer.c.replay)
+    assert len(episodes) == finished == result["dataset"]["episodes"] > 20
+    for ep in episodes[::5]:
+        for t in range(len(ep.actions)):
+            np.testing.assert_allclose(cartpole_next(ep.observations[t], ep.actions[t]), ep.observations[t + 1],
+                                       atol=1e-5)
+    from asyncrl.metrics import Recorder
+    from asyncrl.wiring import build
+
+    c = build(r2d2("replay.prefill='cartpole/r2d2-v0'"), Recorder(1000, []))
+    try:
+        assert c.replay.size == sum(len(ep.rewards) + 1 for ep in episodes)
+        assert sorted(len(ep[2]) for ep in c.replay.episodes()) == sorted(len(ep.rewards) for ep in episodes)
+        assert c.limiter.inserts == 500  # learning may start at once; the ratio holds from there
+    finally:
+        for actor in c.actors:
+            actor.close()
+
+
 @pytest.mark.parametrize("case", ["exists", "on_policy", "offline"])
 def test_record_dataset_refuses_in_one_line_before_the_run_starts(store, capsys, tmp_path, case):
     datasets.write("cartpole/kept-v0", [Episode(np.zeros((2, 4), np.float32), np.zeros(1, np.int64),
@@ -207,7 +249,7 @@ def test_record_dataset_refuses_in_one_line_before_the_run_starts(store, capsys,
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert {"exists": "exists already", "on_policy": "RolloutQueue",
+    assert {"exists": "exists already", "on_policy": "RolloutQueue, each trajectory used once",
             "offline": "an offline run (replay.dataset) plays none"}[case] in lines[0]
     assert not (tmp_path / "run").exists()
     assert sorted(m.name for m in store.rglob("*-v0")) == ["kept-v0"]
