@@ -24,6 +24,16 @@ def write_steps(arrays: dict[str, np.ndarray], streams: np.ndarray, positions: n
     arrays["positions"][streams, cols] = positions
 
 
+def published_positions(positions: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """A copy of a ring store's slot positions with -1 where a worker process has written a
+    step ahead of the published ``head``. ``positions`` is read once: a worker may write a slot
+    between two reads of the live array (``np.where(positions >= head, -1, positions)`` read it
+    twice, and a checkpoint then held steps past its head, which the resumed run overwrote)."""
+    seen = positions.copy()
+    seen[seen >= head[:, None]] = -1
+    return seen
+
+
 def whole_episodes(store: Any) -> list[tuple[np.ndarray, ...]]:
     """Every whole episode a ring store of env streams still holds (a :class:`Replay`, or a
     sequence replay: the same rings), stream by stream in the order played:
@@ -332,7 +342,7 @@ class Replay:
         is tens of GB): serialise the dict before inserting again."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
         if self.writers_ahead:  # slots written ahead of publication are not part of the replay yet
-            state["positions"] = np.where(self.positions >= self.head[:, None], -1, self.positions)
+            state["positions"] = published_positions(self.positions, self.head)
         state["priorities"] = (self._tree.get(np.arange(self.capacity)) if self._tree is not None
                                else self._sampleable.astype(np.float64))
         state["max_priority"] = self.max_priority

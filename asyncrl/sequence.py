@@ -19,7 +19,7 @@ import numpy as np
 from asyncrl.acting import Acted
 from asyncrl.adders import NStepAdder
 from asyncrl.core import StateSpec
-from asyncrl.replay import whole_episodes, write_steps
+from asyncrl.replay import published_positions, whole_episodes, write_steps
 from asyncrl.shm import Arrays
 from asyncrl.sumtree import SumTree
 
@@ -259,7 +259,7 @@ class SequenceReplay:
         :meth:`Replay.state_dict <asyncrl.replay.Replay.state_dict>` has them."""
         state: dict[str, Any] = {name: getattr(self, name) for name in self._ARRAYS}
         if self.writers_ahead:  # slots written ahead of publication are not part of the replay yet
-            state["positions"] = np.where(self.positions >= self.head[:, None], -1, self.positions)
+            state["positions"] = published_positions(self.positions, self.head)
         state.update({f"state/{name}": array for name, array in self.states.items()})
         state["priorities"] = self._tree.get(np.arange(self.capacity))
         state["max_priority"] = self.max_priority

@@ -255,6 +255,38 @@ def test_state_dict_round_trip():
         make_replay(30, num_streams=2, n_step=2).load_state_dict(state)
 
 
+@pytest.mark.parametrize("kind", ["transitions", "sequences"])
+def test_a_replay_saved_while_a_worker_writes_ahead_holds_no_step_past_its_head(kind):
+    """A worker process writes steps ahead of the published head while the loop saves the
+    replay. A slot it writes between two reads of the live positions must not enter the saved
+    state as published: the resumed run would overwrite it (seen in test_sigkill_mid_run_then_resume
+    under load: saved heads 262, saved positions up to 268)."""
+    from asyncrl.sequence import SequenceReplay
+
+    if kind == "transitions":
+        replay = make_replay(32, num_streams=2, writers_ahead=4)
+    else:
+        replay = SequenceReplay(32, 2, (2,), np.float32, (), np.int64, 4, 2, writers_ahead=3)
+    for _ in range(5):
+        replay.insert([0, 1], [[0, 0], [1, 0]], [0, 0], [1.0, 1.0], [False, False], [False, False], [True, True])
+    live = replay.positions
+
+    class Racing(np.ndarray):
+        """Live positions that a worker writes into as soon as they are compared."""
+
+        def __ge__(self, other):
+            compared = np.asarray(self) >= other
+            head = int(replay.head[1])
+            live[1, (head + 1) % replay.stream_capacity] = head + 1  # one step ahead of the head
+            return compared
+
+    replay.positions = live.view(Racing)
+    state = replay.state_dict()
+    saved, head = np.asarray(state["positions"]), np.asarray(state["head"])
+    assert live[1, 6] == 6  # the worker did write ahead meanwhile
+    assert (saved < head[:, None]).all(), (saved, head)
+
+
 def test_readable_errors():
     with pytest.raises(ValueError, match="at least 5"):
         make_replay(8, num_streams=2, n_step=3)
