@@ -1,7 +1,7 @@
 """Seeds report: how soon, and how reliably, a preset solves its task.
 
     python bench/seeds.py ALGO [--config FILE] [--env ID] [--set k=v ...] --seeds N [--first-seed S]
-                          [--target 475] [--runs-dir DIR] [--json OUT]
+                          [--target RETURN] [--runs-dir DIR] [--json OUT]
 
 Runs N seeds of a preset one after another (never side by side: each run has the machine to
 itself), each as ``python -m asyncrl run`` in a fresh process (so each seed's wall_s holds the
@@ -78,7 +78,8 @@ class RunFailed(RuntimeError):
 
 
 def overrides(args: argparse.Namespace, seed: int) -> list[str]:
-    return [*args.set, f"train.seed={seed}", f"train.target_return={args.target}"]
+    target = [] if args.target is None else [f"train.target_return={args.target}"]
+    return [*args.set, f"train.seed={seed}", *target]
 
 
 def config_for(args: argparse.Namespace, seed: int) -> Config:
@@ -146,7 +147,9 @@ def _json_safe(value: Any) -> Any:
 
 def seeds_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     configs = [config_for(args, seed) for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    name = configs[0].algo.name
+    name, target = configs[0].algo.name, configs[0].train.target_return
+    if target is None or math.isinf(target):
+        raise ConfigError(f"{name}'s config sets no train.target_return: give --target")
     with tempfile.TemporaryDirectory(prefix="asyncrl-seeds-") as tmp:
         root = Path(args.runs_dir) if args.runs_dir else Path(tmp)
         per_seed = []
@@ -155,7 +158,7 @@ def seeds_report(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             r = per_seed[-1]
             console.print(f"seed {r['seed']}: " + (f"{r['env_steps']:,} env steps, {r['wall_s']:.1f} s"
                                                    if r["reached"] else "never reached the target"))
-    return {"algo": name, "env": configs[0].env.id, "target": args.target,
+    return {"algo": name, "env": configs[0].env.id, "target": target,
             "command": " ".join(sys.argv), "per_seed": per_seed,
             "summary": summarize(per_seed, configs[0].train.total_env_steps)}
 
@@ -168,7 +171,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     p.add_argument("--seeds", type=int, required=True, help="how many seeds")
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + N - 1")
-    p.add_argument("--target", type=float, default=475.0, help="greedy mean return that counts as solved")
+    p.add_argument("--target", type=float, help="greedy mean return that counts as solved (default: the "
+                   "config's train.target_return)")
     p.add_argument("--runs-dir", help="keep the run directories here (default: a temporary one)")
     p.add_argument("--json", metavar="OUT", help="write the report here")
     args = p.parse_args(argv)

@@ -345,6 +345,20 @@ def test_pong_configs_start_train_and_checkpoint(tmp_path, name, monkeypatch):
     assert checkpoint.checkpoints(tmp_path / "checkpoints")
 
 
+def test_the_lunarlander_config_starts_trains_and_checkpoints(tmp_path):
+    """configs/ppo_lunarlander.toml as a user starts from it (a rollout cut short): LunarLander-v3's
+    8 observations and 4 actions, RL-Zoo's gamma and minibatch, evaluated and checkpointed."""
+    cfg = build_config(file=CONFIGS / "ppo_lunarlander.toml", overrides=[
+        "algo.rollout_length=32", "train.total_env_steps=1000", "train.eval_every=100000",
+        "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100", "train.tensorboard=false"])
+    assert (cfg.algo.gamma, cfg.algo.minibatch_size, cfg.train.target_return) == (0.999, 64, 200.0)
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = run(trainer, timeout=120)
+    assert trainer.c.spec.obs_shape == (8,) and trainer.c.spec.num_actions == 4
+    assert result["env_steps"] >= 1000 and result["updates"] >= 1 and "eval/return_mean" in result["eval"]
+    assert checkpoint.checkpoints(tmp_path / "checkpoints")
+
+
 @pytest.mark.learning
 def test_ppo_solves_cartpole_within_100k_steps(tmp_path):
     """Issue 5's bar: greedy return >= 475 over 20 episodes within 100k env steps (fixed seed)."""

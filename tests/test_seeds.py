@@ -189,3 +189,13 @@ def test_plot_of_a_directory_without_runs_is_one_line_and_exit_2(tmp_path, capsy
     assert cli.main(["plot", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "no metrics.jsonl" in err and "Traceback" not in err
+
+
+def test_the_target_defaults_to_the_configs_own():
+    """A preset or config file says what solved means (LunarLander: 200); --target overrides it."""
+    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "ppo_lunarlander.toml")
+    args = seeds.parse(["--config", config_file, "--seeds", "1"])
+    assert seeds.config_for(args, 3).train.target_return == 200.0
+    assert seeds.config_for(seeds.parse(["impala", "--seeds", "1"]), 0).train.target_return == 475.0
+    given = seeds.parse(["--config", config_file, "--seeds", "1", "--target", "150"])
+    assert seeds.config_for(given, 0).train.target_return == 150.0
