@@ -51,17 +51,18 @@ def sample_actions(net: ActorCritic, spec: EnvSpec, obs: torch.Tensor, rng: np.r
         if greedy:
             choice = params.argmax(-1)
         else:  # Gumbel-max: a categorical sample from numpy's generator
-            noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32))
+            noise = torch.from_numpy(rng.gumbel(size=params.shape).astype(np.float32)).to(params.device)
             choice = (params + noise).argmax(-1)
         log_prob, _ = log_prob_entropy_of(net.log_std, params, choice, with_entropy=False)  # no entropy needed
-        return choice.numpy(), {"log_prob": log_prob.numpy()}
+        return choice.cpu().numpy(), {"log_prob": log_prob.cpu().numpy()}
     raw = params
     if not greedy:
-        noise = torch.from_numpy(rng.standard_normal(params.shape).astype(np.float32))
+        noise = torch.from_numpy(rng.standard_normal(params.shape).astype(np.float32)).to(params.device)
         raw = params + net.log_std.exp() * noise
     log_prob, _ = log_prob_entropy(net, params, raw)
-    actions = np.clip(raw.numpy(), spec.action_low, spec.action_high)
-    return actions, {"log_prob": log_prob.numpy(), "raw_action": raw.numpy()}
+    raw = raw.cpu().numpy()
+    actions = np.clip(raw, spec.action_low, spec.action_high)
+    return actions, {"log_prob": log_prob.cpu().numpy(), "raw_action": raw}
 
 
 class ActorCriticLearner:

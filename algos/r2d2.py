@@ -243,7 +243,7 @@ class R2D2:
             ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         """Actions and each env's next LSTM state (``state``: zeros when not given)."""
         if state is None:
-            zeros = torch.zeros(len(obs), self.config.lstm_size)
+            zeros = torch.zeros(len(obs), self.config.lstm_size, device=obs.device)
             state = {"h": zeros, "c": zeros}
         q, (h, c) = network(obs.unsqueeze(0), (state["h"], state["c"]))
         actions = q[0].argmax(dim=1).cpu().numpy()

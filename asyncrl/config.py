@@ -206,7 +206,9 @@ class TrainConfig(ConfigModel):
     mode: Literal["async", "serial"] = Field(
         "async",
         description="async: actors, learner and evaluation run concurrently (fast). serial: the same "
-        "components in one task, deterministic for a seed (debugging, exact reproduction).")
+        "components in one task, deterministic for a seed (debugging, exact reproduction): bit-exact "
+        "on the CPU; on CUDA it turns on torch's deterministic algorithms and cuDNN's deterministic mode "
+        "(slower), which makes reruns on the same GPU and build repeat, but CPU and GPU runs differ.")
     eval_every: int = Field(10_000, ge=1, description="Env steps between greedy evaluations.")
     eval_episodes: int = Field(20, ge=1, description="Episodes per evaluation (one per eval env).")
     target_return: float | None = Field(

@@ -7,6 +7,7 @@ writes priorities back and publishes weights."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,7 +73,36 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"learner.device is {name!r} but CUDA is not available here")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"learner.device is {name!r}: {error}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"learner.device is {name!r} but this box has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def deterministic_on_cuda() -> None:
+    """Serial mode on CUDA: deterministic kernels (warning, not failing, where an op has none) and
+    cuDNN's deterministic, unbenchmarked convolutions; cuBLAS needs its workspace setting before its
+    first handle, which no CUDA work has made yet when a run is built."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def device_line(name: str, device: torch.device) -> str:
+    """One line saying where the learner runs, and why the CPU when ``auto`` found no CUDA (a CPU
+    torch build on a GPU box would otherwise train on the CPU silently)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"learner on {device} ({torch.cuda.get_device_name(index)})"
+    if name == "auto":
+        why = ("torch has no CUDA: a CPU build" if torch.version.cuda is None
+               else "no CUDA device usable here")
+        return f"learner on cpu ({why}, torch {torch.__version__})"
+    return "learner on cpu"
 
 
 class ReplayDraw:

@@ -53,6 +53,8 @@ def snapshot(c: Components, with_replay: bool
         "actor_rngs": [json.dumps(a.rng_state()) for a in c.actors],
     }
     state = {"algo": to_cpu(c.algo.state_dict()), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # SAC/TD3 noise, PPO's permutations on the device
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()  # a list of uint8 tensors: weights_only loads it
     replay = None
     if with_replay:
         # Copies: the loop goes on inserting while the I/O thread writes them.
@@ -68,6 +70,10 @@ def restore(c: Components, path: Path, manifest: dict[str, Any], state: dict[str
     is written; a later, older checkpoint's restore overwrites whatever this one set."""
     c.algo.load_state_dict(state["algo"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():  # absent (a CPU box's) or no CUDA here: as is
+        cuda_states = state["cuda_rng"]
+        for index in range(min(len(cuda_states), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda_states[index], index)
     rngs = manifest.get("actor_rngs", [])
     if manifest["config"]["replay"].get("dataset") and c.config.replay.dataset is None:
         rngs = []  # an offline run's, going on online (--online): it had no actors; these start from the seed

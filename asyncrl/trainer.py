@@ -23,7 +23,7 @@ from asyncrl.config import Config, ConfigError
 from asyncrl.envs_envpool import envpool_module
 from asyncrl.evaluator import Evaluator
 from asyncrl.faults import RunError
-from asyncrl.learner import QueueDraw, run_to_completion
+from asyncrl.learner import QueueDraw, device_line, pick_device, run_to_completion
 from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink, truncate_jsonl
 from asyncrl.policy import LivePolicy, Policy
 from asyncrl.stream import MetricStream
@@ -126,6 +126,7 @@ class Trainer:
             self._next_ckpt = (recorder.env_steps // t.checkpoint_every + 1) * t.checkpoint_every
             self._eval_due, self._ckpt_due = asyncio.Event(), asyncio.Event()
             log.info("run directory %s", self.run_dir)
+            log.info("%s", device_line(c.config.learner.device, pick_device(c.config.learner.device)))
             try:
                 if recorder.env_steps < t.total_env_steps:
                     await (self._run_serial() if t.mode == "serial" else self._run_async())

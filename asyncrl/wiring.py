@@ -20,7 +20,7 @@ from asyncrl.actor import Actor
 from asyncrl.config import Config, ConfigError, with_run_defaults
 from asyncrl.core import Algorithm, EnvSpec, actor_state_spec, needs_dataset
 from asyncrl.envs import VecEnv, make_env
-from asyncrl.learner import Learner, pick_device
+from asyncrl.learner import Learner, deterministic_on_cuda, pick_device
 from asyncrl.metrics import Recorder
 from asyncrl.plans import Data, Setting, learner_batch_size, plan_for
 from asyncrl.process_actor import ProcessActor, start_fork_server
@@ -83,6 +83,8 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         device = pick_device(config.learner.device)
     except ValueError as exc:
         raise ConfigError(f"invalid config: learner.device: {exc}") from None
+    if config.train.mode == "serial" and device.type == "cuda":
+        deterministic_on_cuda()
     where = placement(config, device, env_fn)
     if where == "process":  # its imports (seconds) overlap the probe env's and the networks'
         start_fork_server()

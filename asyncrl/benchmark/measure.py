@@ -160,7 +160,7 @@ def measure_learning_ceiling(config: Config, spec: EnvSpec, seconds: float, warm
         algo.update(batch)
         updates += 1
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None  # the learner's device, not device 0
     with denormals_flushed(config.learner.flush_denormal):  # as the learner updates
         return _timed(step, lambda: updates, seconds, warmup_s, sync)
 
