@@ -171,11 +171,45 @@ def write(dataset_id: str, episodes: list[Episode], spec: EnvSpec, algorithm: st
     return dataset
 
 
+def whole_episodes(store: Any) -> list[Episode]:
+    """Every whole episode a ring store of env streams still holds (a :class:`~asyncrl.replay.Replay`, or a
+    :class:`~asyncrl.sequence.SequenceReplay`: the same rings), stream by stream in the order played.
+    An episode is a run of applied steps after an unapplied one (or from a stream's first
+    step) that ends in a terminated or truncated step, whose final observation is the next
+    slot's (EnvPool's reset step). Partial ones are left out: the oldest, when its first steps
+    were overwritten, the newest, still running, and any cut short (a reset or a resume)."""
+    found: list[Episode] = []
+    capacity = store.stream_capacity
+    for s in range(store.num_streams):
+        head = int(store.head[s])
+        positions = np.arange(max(0, head - capacity), head)
+        positions = positions[store.positions[s, positions % capacity] == positions]
+        if len(positions) == 0:
+            continue
+        cols = positions % capacity
+        applied = store.applied[s, cols]
+        ends = store.terminated[s, cols] | store.truncated[s, cols]
+        before = np.concatenate([[positions[0] != 0], applied[:-1]])  # unknown before the oldest
+        for start in np.flatnonzero(applied & ~before):
+            rest = applied[start:]
+            stop = start + (int(np.argmin(rest)) if not rest.all() else len(rest))  # first unapplied
+            if stop >= len(applied) or not ends[stop - 1]:
+                continue  # still running, or cut short
+            steps, obs_cols = cols[start:stop], cols[start:stop + 1]
+            found.append(Episode(store.obs[s, obs_cols].copy(), store.actions[s, steps].copy(),
+                                 store.rewards[s, steps].astype(np.float64), store.terminated[s, steps].copy(),
+                                 store.truncated[s, steps].copy()))
+    return found
+
+
 def check_recordable(dataset_id: str, store: Any, run_dir: str) -> None:
     """Before a run that keeps its episodes (``train.record_dataset``): one line unless its store
     is a replay (of transitions or sequences) and ``dataset_id`` is new, or was written by this same run when
     it stopped before (a resumed run's end then replaces it)."""
-    if not hasattr(store, "episodes"):
+    from asyncrl.replay import Replay
+    from asyncrl.sequence import SequenceReplay
+
+    if not isinstance(store, (Replay, SequenceReplay)):
         raise DatasetError(f"train.record_dataset keeps the episodes a replay holds; this run's data is a "
                            f"{type(store).__name__}, each trajectory used once (DQN, SAC, TD3, R2D2 and their "
                            "kin record)")
@@ -187,7 +221,7 @@ def check_recordable(dataset_id: str, store: Any, run_dir: str) -> None:
 def record_replay(dataset_id: str, store: Any, spec: EnvSpec, algorithm: str, run_dir: str) -> dict[str, float]:
     """Write the whole episodes ``store`` (a replay of transitions or sequences) holds into a new
     dataset (or replace the one this run wrote before it was resumed); their summary."""
-    episodes = [Episode(*parts) for parts in store.episodes()]
+    episodes = whole_episodes(store)
     stats = summary(episodes)
     if _written_by(dataset_id, run_dir):
         minari().delete_dataset(dataset_id)

@@ -34,38 +34,6 @@ def published_positions(positions: np.ndarray, head: np.ndarray) -> np.ndarray:
     return seen
 
 
-def whole_episodes(store: Any) -> list[tuple[np.ndarray, ...]]:
-    """Every whole episode a ring store of env streams still holds (a :class:`Replay`, or a
-    sequence replay: the same rings), stream by stream in the order played:
-    ``(observations [T+1], actions [T], rewards [T], terminations [T], truncations [T])``.
-    An episode is a run of applied steps after an unapplied one (or from a stream's first
-    step) that ends in a terminated or truncated step, whose final observation is the next
-    slot's (EnvPool's reset step). Partial ones are left out: the oldest, when its first steps
-    were overwritten, the newest, still running, and any cut short (a reset or a resume)."""
-    found: list[tuple[np.ndarray, ...]] = []
-    capacity = store.stream_capacity
-    for s in range(store.num_streams):
-        head = int(store.head[s])
-        positions = np.arange(max(0, head - capacity), head)
-        positions = positions[store.positions[s, positions % capacity] == positions]
-        if len(positions) == 0:
-            continue
-        cols = positions % capacity
-        applied = store.applied[s, cols]
-        ends = store.terminated[s, cols] | store.truncated[s, cols]
-        before = np.concatenate([[positions[0] != 0], applied[:-1]])  # unknown before the oldest
-        for start in np.flatnonzero(applied & ~before):
-            rest = applied[start:]
-            stop = start + (int(np.argmin(rest)) if not rest.all() else len(rest))  # first unapplied
-            if stop >= len(applied) or not ends[stop - 1]:
-                continue  # still running, or cut short
-            steps, obs_cols = cols[start:stop], cols[start:stop + 1]
-            found.append((store.obs[s, obs_cols].copy(), store.actions[s, steps].copy(),
-                          store.rewards[s, steps].astype(np.float64), store.terminated[s, steps].copy(),
-                          store.truncated[s, steps].copy()))
-    return found
-
-
 class Replay:
     """Preallocated rings of steps, one per stream (one env of one actor), sampled through a
     sum-tree: uniformly when ``priority_exponent`` is 0, by priority otherwise.
@@ -330,10 +298,6 @@ class Replay:
         self._tree.update(leaves[live], priorities ** self.priority_exponent)
         if priorities.size:
             self.max_priority = max(self.max_priority, float(priorities.max()))
-
-    def episodes(self) -> list[tuple[np.ndarray, ...]]:
-        """Every whole episode the replay still holds (:func:`whole_episodes`)."""
-        return whole_episodes(self)
 
     def state_dict(self) -> dict[str, Any]:
         """The replay's contents: numpy arrays, ``max_priority`` (a float) and ``rng``, the

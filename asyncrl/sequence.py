@@ -19,7 +19,7 @@ import numpy as np
 from asyncrl.acting import Acted
 from asyncrl.adders import NStepAdder
 from asyncrl.core import StateSpec
-from asyncrl.replay import published_positions, whole_episodes, write_steps
+from asyncrl.replay import published_positions, write_steps
 from asyncrl.shm import Arrays
 from asyncrl.sumtree import SumTree
 
@@ -286,10 +286,6 @@ class SequenceReplay:
 
     def _leaf(self, streams: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return streams * self.stream_capacity + cols
-
-    def episodes(self) -> list[tuple[np.ndarray, ...]]:
-        """Every whole episode the replay still holds (:func:`~asyncrl.replay.whole_episodes`)."""
-        return whole_episodes(self)
 
 
 class SequenceAdder(NStepAdder):

@@ -228,7 +228,7 @@ def test_an_r2d2_run_records_its_episodes_and_one_resumed_online_starts_with_the
     c = build(r2d2("replay.prefill='cartpole/r2d2-v0'"), Recorder(1000, []))
     try:
         assert c.replay.size == sum(len(ep.rewards) + 1 for ep in episodes)
-        assert sorted(len(ep[2]) for ep in c.replay.episodes()) == sorted(len(ep.rewards) for ep in episodes)
+        assert sorted(len(ep.rewards) for ep in datasets.whole_episodes(c.replay)) == sorted(len(ep.rewards) for ep in episodes)
         assert c.limiter.inserts == 500  # learning may start at once; the ratio holds from there
     finally:
         for actor in c.actors:
