@@ -102,25 +102,32 @@ def test_a_mixed_draw_of_several_batches_puts_each_part_in_every_batch_and_its_p
 BATCH, RATIO, DEMOS = 12, 0.25, 3  # round(0.25 * 12) = 3 demonstrations, 9 online items a batch
 
 
-def test_each_batch_is_the_online_draw_then_round_ratio_times_batch_demonstrations(store, tmp_path, monkeypatch):
-    """A short prioritised serial run: every batch the learner updates on holds 9 online items
-    (steps the actors played) followed by 3 dataset transitions; each priority goes back to the
-    replay its item came from; the limiter counts the online items only."""
-    episodes = marked_dataset("cartpole/marked-v0")
-    pairs = {(ep.observations[t].tobytes(), int(ep.actions[t])) for ep in episodes for t in range(len(ep.actions))}
+def spy(monkeypatch, algo_cls, replay_cls, take) -> tuple[list, list]:
+    """What each update got (``take(batch)``) and every priority write: (replay, keys, count)."""
     batches, written = [], []
-    update, update_priorities = DQN.update, Replay.update_priorities
+    update, update_priorities = algo_cls.update, replay_cls.update_priorities
 
     def spy_update(self, batch):
-        batches.append((batch.obs.clone(), batch.actions.clone(), batch.next_obs.clone(), batch.weights.clone()))
+        batches.append(take(batch))
         return update(self, batch)
 
     def spy_update_priorities(self, keys, priorities):
         written.append((self, np.array(keys), len(priorities)))
         return update_priorities(self, keys, priorities)
 
-    monkeypatch.setattr(DQN, "update", spy_update)
-    monkeypatch.setattr(Replay, "update_priorities", spy_update_priorities)
+    monkeypatch.setattr(algo_cls, "update", spy_update)
+    monkeypatch.setattr(replay_cls, "update_priorities", spy_update_priorities)
+    return batches, written
+
+
+def test_each_batch_is_the_online_draw_then_round_ratio_times_batch_demonstrations(store, tmp_path, monkeypatch):
+    """A short prioritised serial run: every batch the learner updates on holds 9 online items
+    (steps the actors played) followed by 3 dataset transitions; each priority goes back to the
+    replay its item came from; the limiter counts the online items only."""
+    episodes = marked_dataset("cartpole/marked-v0")
+    pairs = {(ep.observations[t].tobytes(), int(ep.actions[t])) for ep in episodes for t in range(len(ep.actions))}
+    batches, written = spy(monkeypatch, DQN, Replay, lambda batch: (
+        batch.obs.clone(), batch.actions.clone(), batch.next_obs.clone(), batch.weights.clone()))
     trainer = Trainer(resolve_config("dqn", overrides=[
         "replay.demonstrations='cartpole/marked-v0'", f"replay.demo_ratio={RATIO}", f"learner.batch_size={BATCH}",
         "replay.prioritized=true", "train.mode='serial'", "replay.min_size_to_sample=200",
@@ -164,19 +171,8 @@ def test_r2d2_batches_end_with_demonstration_sequences_of_dataset_steps_and_zero
     from asyncrl.sequence import SequenceReplay
 
     marked_dataset("cartpole/marked-v0")
-    batches, written = [], []
-    update, update_priorities = R2D2.update, SequenceReplay.update_priorities
-
-    def spy_update(self, batch):
-        batches.append((batch.obs.clone(), batch.valid.clone(), {k: v.clone() for k, v in batch.state.items()}))
-        return update(self, batch)
-
-    def spy_update_priorities(self, keys, priorities):
-        written.append((self, len(keys), len(priorities)))
-        return update_priorities(self, keys, priorities)
-
-    monkeypatch.setattr(R2D2, "update", spy_update)
-    monkeypatch.setattr(SequenceReplay, "update_priorities", spy_update_priorities)
+    batches, written = spy(monkeypatch, R2D2, SequenceReplay, lambda batch: (
+        batch.obs.clone(), batch.valid.clone(), {k: v.clone() for k, v in batch.state.items()}))
     trainer = Trainer(resolve_config("r2d2", overrides=[
         "replay.demonstrations='cartpole/marked-v0'", f"replay.demo_ratio={RATIO}", f"learner.batch_size={BATCH}",
         "env.obs_indices=[0, 1, 2, 3]", "train.mode='serial'", "replay.min_size_to_sample=300",
@@ -193,7 +189,7 @@ def test_r2d2_batches_end_with_demonstration_sequences_of_dataset_steps_and_zero
         assert (marked | ~valid)[:, BATCH - DEMOS:].all()  # demonstration rows are dataset steps only
         for s in state.values():
             assert (s[BATCH - DEMOS:] == 0).all()  # a dataset holds no recurrent state
-    assert sorted({(replay is demo, k, p) for replay, k, p in written}) == [
+    assert sorted({(replay is demo, len(k), p) for replay, k, p in written}) == [
         (False, BATCH - DEMOS, BATCH - DEMOS), (True, DEMOS, DEMOS)]
 
 
