@@ -47,8 +47,12 @@ class CQL(DQN):
 
     def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
         c = self.config
-        loss, metrics, priorities = td_loss(batch, self.q, self.target_q, c.double, c.huber_delta)
-        q_all = self.q(batch.obs)
+        q_all = self.q(batch.obs)  # once: the TD loss and the gap share it (and its backward pass)
+
+        def q(obs: torch.Tensor) -> torch.Tensor:
+            return q_all if obs is batch.obs else self.q(obs)
+
+        loss, metrics, priorities = td_loss(batch, q, self.target_q, c.double, c.huber_delta)
         taken = q_all.gather(1, batch.actions.long().unsqueeze(1)).squeeze(1)
         gap = (batch.weights * (torch.logsumexp(q_all, dim=1) - taken)).mean()
         metrics["cql_gap"] = gap.detach()

@@ -28,23 +28,29 @@ from asyncrl.replay import Replay
 from asyncrl.sequence import SequenceAdder, SequenceReplay
 from asyncrl.staging import Staging
 
-_CLOCK_PERIOD_S = 0.002  # how often the clock looks at the update count
+# Longest the clock waits for the learner to come back for a draw before it looks anyway (a
+# stop). It ticks once per chunk: a tick every 2 ms took the GIL from the learner's thread 500
+# times a second, and the run lost ~8% of its updates to it (BENCHMARKS.md, Offline RL).
+_CLOCK_PERIOD_S = 0.05
 
 
 class OpenGate:
     """The gate of a store that nothing inserts into while learning: every draw is allowed
     until :meth:`stop`; in serial mode, as many as :meth:`allow` granted (one per tick of the
-    clock, or the serial loop would draw for ever)."""
+    clock, or the serial loop would draw for ever). ``drawn`` is set as the learner comes for
+    its next chunk's draw (its last chunk is counted then): the clock's cue."""
 
     def __init__(self) -> None:
         self.stopped = False
         self.samples = 0
         self._allowed: int | None = None  # None: every draw
+        self.drawn = asyncio.Event()
 
     def allow(self, batches: int) -> None:
         self._allowed = (self._allowed or 0) + batches
 
     async def await_sample(self, n: int) -> None:
+        self.drawn.set()
         if not self.try_sample(n):
             raise LimiterStopped
 
@@ -78,7 +84,11 @@ class UpdateClock(ActorBase):
     async def run(self, limiter: Any, on_steps) -> None:
         try:
             while not limiter.stopped:
-                await asyncio.sleep(_CLOCK_PERIOD_S)
+                try:
+                    await asyncio.wait_for(limiter.drawn.wait(), _CLOCK_PERIOD_S)
+                except TimeoutError:
+                    pass
+                limiter.drawn.clear()
                 self._tick()
                 if on_steps():
                     return
@@ -144,9 +154,46 @@ class OfflinePlan:
         config, r, batch = s.config, s.config.replay, s.config.learner.batch_size
         replay = dataset_replay(s, config.replay.dataset, config.train.seed)
         beta = r.importance_exponent if r.prioritized else 0.0
-        draw = ReplayDraw(replay, batch, lambda: beta, Staging(s.device), s.recorder.timer)
+        # Uniform transitions: the draw gathers from returns built once. Priorities change
+        # what is drawn, and sequences are drawn as the replay draws them.
+        source = (FrozenTransitions(replay, config.train.seed)
+                  if isinstance(replay, Replay) and not replay.prioritized else replay)
+        draw = ReplayDraw(source, batch, lambda: beta, Staging(s.device), s.recorder.timer)
         return Data(replay, OpenGate(), draw, _no_adder, batch, config.learner.publish_every,
                     actor_cls=UpdateClock)
+
+
+class FrozenTransitions:
+    """A uniform draw from a replay that nothing writes into any more (an offline run's dataset):
+    every transition's n-step return, discount and next observation's slot are built once, so a
+    draw only picks items and gathers them. A replay draw of 256 transitions builds its returns
+    from the rings each time, ~100 us of numpy calls; this one ~20 us (BENCHMARKS.md, Offline RL).
+    It draws what :meth:`Replay.sample` draws (uniformly among the sampleable slots), from its
+    own generator."""
+
+    prioritized = False
+
+    def __init__(self, replay: Replay, seed: int | list[int]):
+        self.replay = replay
+        self._leaves = np.flatnonzero(replay.state_dict()["priorities"] > 0)  # the sampleable slots
+        returns = replay.n_step_returns(self._leaves)
+        self._rewards, self._discounts = returns["rewards"], returns["discounts"]
+        self._next_leaves, self._keys = returns["next_leaves"], returns["keys"]
+        self._obs = replay.obs.reshape(-1, *replay.obs.shape[2:])
+        self._actions = replay.actions.reshape(-1, *replay.actions.shape[2:])
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size: int, importance_exponent: float = 0.0, batches: int = 1) -> dict[str, np.ndarray]:
+        # int32 draws cost half of int64 ones, and take() a tenth of indexing rows with [].
+        items = self._rng.integers(0, len(self._leaves), size=batch_size * batches, dtype=np.int32)
+        leaves = self._leaves.take(items)
+        return {"obs": self._obs.take(leaves, axis=0), "actions": self._actions.take(leaves, axis=0),
+                "rewards": self._rewards.take(items), "discounts": self._discounts.take(items),
+                "next_obs": self._obs.take(self._next_leaves.take(items), axis=0),
+                "weights": np.ones(len(items), np.float32), "keys": self._keys.take(items)}
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
+        pass  # uniform
 
 
 def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay | SequenceReplay:

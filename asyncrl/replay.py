@@ -251,10 +251,23 @@ class Replay:
                 f"nothing to sample yet: a step becomes sampleable once {self.n_step} more "
                 f"steps of its stream are in replay ({self.size} steps held in "
                 f"{self.num_streams} streams)")
-        n, per_stream = self.n_step, self.stream_capacity
-        total = batch_size * batches
         flat = self._flat  # the arrays as one row of slots each: one index per item, not two
         leaves = self._draw(batch_size, batches)
+        returns = self.n_step_returns(leaves)
+        weights = np.ones(batch_size * batches, np.float32)
+        if self._tree is not None and importance_exponent > 0:
+            # (N * P(i)) ** -beta over its batch maximum, in which the N sampleable slots cancel.
+            w = (self._tree.get(leaves) ** -importance_exponent).reshape(batches, -1)
+            weights = (w / w.max(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
+        return {"obs": flat["obs"][leaves], "actions": flat["actions"][leaves], "rewards": returns["rewards"],
+                "discounts": returns["discounts"], "next_obs": flat["obs"][returns["next_leaves"]],
+                "weights": weights, "keys": returns["keys"]}
+
+    def n_step_returns(self, leaves: np.ndarray) -> dict[str, np.ndarray]:
+        """The transitions that start at sampleable slots ``leaves`` (flat slot numbers), but
+        their observations and actions: ``rewards`` and ``discounts`` as :meth:`sample` gives
+        them, ``next_leaves`` (the slot of each ``next_obs``) and ``keys``."""
+        n, per_stream, flat = self.n_step, self.stream_capacity, self._flat
         streams = leaves // per_stream
         starts = flat["positions"][leaves]
         # Slots of steps p .. p+n of each item's stream (its ring wraps within the stream).
@@ -265,24 +278,11 @@ class Replay:
         k = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, n)
         in_return = self._offsets[:-1] < k[:, None]
         rewards = (flat["rewards"][steps] * in_return) @ self._discount_powers[:-1]
-        last = np.take_along_axis(window, k[:, None], axis=1)[:, 0]  # slot of step p+k
         terminal = flat["terminated"][np.take_along_axis(steps, k[:, None] - 1, axis=1)[:, 0]]
-        discounts = np.where(terminal, 0.0, self._discount_powers[k])
-
-        weights = np.ones(total, np.float32)
-        if self._tree is not None and importance_exponent > 0:
-            # (N * P(i)) ** -beta over its batch maximum, in which the N sampleable slots cancel.
-            w = (self._tree.get(leaves) ** -importance_exponent).reshape(batches, -1)
-            weights = (w / w.max(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
-        return {
-            "obs": flat["obs"][leaves],
-            "actions": flat["actions"][leaves],
-            "rewards": rewards.astype(np.float32),
-            "discounts": discounts.astype(np.float32),
-            "next_obs": flat["obs"][last],
-            "weights": weights,
-            "keys": starts * self.num_streams + streams,
-        }
+        return {"rewards": rewards.astype(np.float32),
+                "discounts": np.where(terminal, 0.0, self._discount_powers[k]).astype(np.float32),
+                "next_leaves": np.take_along_axis(window, k[:, None], axis=1)[:, 0],  # slot of step p+k
+                "keys": starts * self.num_streams + streams}
 
     def update_priorities(self, keys, priorities) -> None:
         """Set the priorities of sampled items; keys of slots overwritten since are ignored."""
