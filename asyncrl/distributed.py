@@ -6,7 +6,7 @@ The core only: how a learner process joins and leaves a ``torch.distributed`` gr
 (:func:`join_group`, :func:`leave_group`), how a global batch is cut into shards (:func:`shard`),
 and :class:`DataParallel`, which averages an algorithm's gradients without the algorithm knowing
 (``algos/`` stays free of distribution code). The engine's part (processes, draws, publishing,
-checkpoints) is the next step; how it plugs in is at the end of this note.
+checkpoints) is :mod:`asyncrl.learner_group`; how it plugs in is at the end of this note.
 
 How gradients are averaged
 --------------------------
@@ -76,32 +76,25 @@ statistics (BatchNorm). Randomness inside an update (SAC's policy noise) is per 
 rank differently (``seed + rank``), or shards draw the same noise rows; parameters never depend
 on the seed, as :class:`DataParallel` broadcasts rank 0's state at the start.
 
-How the engine takes it up (the next step)
-------------------------------------------
-- ``learner.num_learners = N > 1``: :func:`check_data_parallel` on the config's algorithm and
-  batch size (the wiring may rather set ``parallel_losses = false`` itself than refuse), then N
-  learner processes (the process actors' context) on one :func:`free_port`; each
-  :func:`join_group` (gloo on the CPU, NCCL with one GPU per rank, :func:`learner_device`), builds
-  the algorithm, loads the checkpoint if resuming (every rank the same one: optimiser state
-  included, so any N resumes any N), wraps it in :class:`DataParallel` and loops.
-- Drawing stays with the loop: the store and the limiter stay where they are. Per learner step
-  the loop awaits the limiter once for the global batch (one learner step = one update of the
-  global batch for the limiter), draws the global batch's indices once (weights normalised over
-  it), and each rank gathers its rows straight from the shared-memory store (or from a shared-
-  memory slab per rank the loop fills); a small control pipe per rank says "step k, slab j".
-- Rank 0 alone publishes weights to the weight store every ``publish_every`` updates (every rank
-  holds the same weights) and hands back the metrics; priorities: each rank writes its shard's
-  rows into a shared slab (no collective) or :func:`gather_rows` to rank 0; the loop applies them
-  as now. :func:`average_metrics` makes losses the global batch's, at the cost of one small
-  all-reduce, on logging updates only.
-- The non-finite guard (``faults.NonFiniteGuard``) must decide on all ranks alike: all-reduce its
-  verdict (one MIN per chunk) before a rollback, or ranks would diverge.
-- Checkpoints: rank 0 writes the learner's state (the loop still owns replay and counters);
-  others write nothing. Resume across N: the state is N-free (no rank-specific tensor).
-- A learner process that dies: its peers' next collective fails at once (gloo: connection
-  closed; NCCL: the group's timeout), and the loop, which watches the N processes' sentinels,
-  ends the run with one line naming the rank and its exit code; stop and Ctrl-C close every
-  control pipe, and each learner leaves its group in ``finally``.
+How the engine takes it up (:mod:`asyncrl.learner_group`, as built)
+-------------------------------------------------------------------
+- ``learner.num_learners = N > 1``: the wiring refuses, in one line, what cannot run
+  (:func:`check_data_parallel`, on-policy data, fewer GPUs than N on CUDA). The N learner
+  processes start from the process actors' fork server at the first chunk; each
+  :func:`join_group` (gloo on the CPU, NCCL with one GPU per rank, :func:`learner_device`),
+  builds the algorithm, loads the loop's state (after any resume: optimiser included, so any N
+  resumes any N), wraps it in :class:`DataParallel` and loops.
+- Drawing stays with the loop: it awaits the limiter once per update of the global batch, draws
+  each global batch once (weights normalised over it) and copies a chunk's batches into
+  shared-memory slabs; a small message per rank says "update on the first k"; each rank cuts its
+  rows (:func:`shard`) and writes its shard's priorities into a shared slab (no collective).
+- Rank 0 alone publishes weights and answers with the chunk's metrics, averaged over the ranks
+  in one all-reduce per chunk (:func:`average_metrics`) that also carries the non-finite
+  guard's verdict, so every rank rolls back alike.
+- Checkpoints: the loop asks rank 0 for its state and writes it, once.
+- A learner process that dies: its pipe closes and its peers' next collective fails at once
+  (gloo: connection closed; NCCL: the group's timeout); the loop ends the run with one line
+  naming the rank and how it ended. Stop and Ctrl-C stop every learner (asked, then killed).
 """
 
 from __future__ import annotations

@@ -71,15 +71,17 @@ class NonFiniteGuard:
                     (scalars if value.dim() == 0 and value.dtype == torch.float32 else others).append(value)
                 elif not math.isfinite(value):
                     return False
-        flat = [torch.stack(scalars).detach()] if scalars else []
-        flat += [v.detach().float().reshape(-1) for v in others]
-        if not flat:
+        if not scalars and not others:
             return True
+        device = (scalars or others)[0].device  # a CPU metric may sit beside CUDA ones: one device, one check
+        flat = [torch.stack([s.to(device) for s in scalars]).detach()] if scalars else []
+        flat += [v.detach().to(device).float().reshape(-1) for v in others]
         return bool(torch.isfinite(flat[0] if len(flat) == 1 else torch.cat(flat)).all())
 
-    def check(self, algo: Algorithm, metrics: list[Metrics]) -> bool:
-        """True if the chunk may stand; otherwise restores the last snapshot and returns False."""
-        if self.finite(metrics):
+    def check(self, algo: Algorithm, metrics: list[Metrics], finite: bool | None = None) -> bool:
+        """True if the chunk may stand; otherwise restores the last snapshot and returns False.
+        ``finite``: the verdict when already made (data-parallel learners decide together)."""
+        if self.finite(metrics) if finite is None else finite:
             self.in_a_row = 0
             self._since_snapshot += len(metrics)
             if self._clean_since_rollback is not None:
@@ -98,9 +100,10 @@ class NonFiniteGuard:
         bad = sorted({k for row in metrics for k, v in row.items() if not math.isfinite(float(v))})
         if first:  # once per streak: a diverged run would otherwise log a line per chunk
             log.warning("non-finite %s in an update: rolled back, not applied (%d skipped so far)",
-                        ", ".join(bad), self.skipped_updates)
+                        ", ".join(bad) or "values on another learner", self.skipped_updates)
         if self.in_a_row >= self.max_in_a_row:
             raise RunError(f"{self.in_a_row} updates in a row had a non-finite "
-                           f"{', '.join(bad)}: stopping (learner.max_nonfinite_in_a_row = "
-                           f"{self.max_in_a_row}); the checkpoints on disk hold only finite weights")
+                           f"{', '.join(bad) or 'value on another learner'}: stopping "
+                           f"(learner.max_nonfinite_in_a_row = {self.max_in_a_row}); the checkpoints "
+                           "on disk hold only finite weights")
         return False

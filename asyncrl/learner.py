@@ -251,6 +251,13 @@ class Learner:
         """``count`` batches and their keys: the fixed cost of a draw, paid once per chunk."""
         return self.draw(count)
 
+    def algo_state(self) -> dict[str, Any]:
+        """The learning algorithm's state, for a checkpoint (taken between updates)."""
+        return self.algo.state_dict()
+
+    def close(self) -> None:
+        """Release what the learner started (data-parallel learners' processes); idempotent."""
+
     def _update(self, batches: list[Any]) -> list[np.ndarray | None] | None:
         """Runs on the learner thread (or inline). None: the chunk was non-finite and rolled
         back (see :class:`NonFiniteGuard`); the restored weights are published then too, since

@@ -52,7 +52,7 @@ def snapshot(c: Components, with_replay: bool
         # JSON text: a PCG64 state holds 128-bit integers, which msgpack cannot.
         "actor_rngs": [json.dumps(a.rng_state()) for a in c.actors],
     }
-    state = {"algo": to_cpu(c.algo.state_dict()), "torch_rng": torch.get_rng_state()}
+    state = {"algo": to_cpu(c.learner.algo_state()), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # SAC/TD3 noise, PPO's permutations on the device
         state["cuda_rng"] = torch.cuda.get_rng_state_all()  # a list of uint8 tensors: weights_only loads it
     replay = None

@@ -104,7 +104,7 @@ def render(result: dict[str, Any]) -> Group:
         "env_ceiling": "one pool, random actions",
         "acting": f"{actors} ({result['placement']}), inference + inserts, no learner",
         "learning_ceiling": "bare algo.update on one synthetic batch",
-        "learner": f"engine learner {where}, {source}, no actors",
+        "learner": f"engine learner {where}, {source}, no actors" + _learners(result),
         "end_to_end_env_steps": ("Trainer (offline: its steps are updates)" if s.get("dataset") else
                                  "Trainer" if s.get("on_policy") else
                                  f"Trainer at samples per insert {s['samples_per_insert']:g}"),
@@ -151,15 +151,24 @@ def render(result: dict[str, Any]) -> Group:
 def render_sweep(key: str, results: list[dict[str, Any]]) -> Table:
     table = Table(title=f"sweep over {key}: medians (env steps/s, updates/s) and ratios",
                   show_edge=False, pad_edge=False)
-    columns = ("value", "env ceil", "acting", "learn ceil", "learner", "e2e steps", "e2e upd",
+    columns = ("value", "env ceil", "acting", "learn ceil", "learner", "allreduce", "e2e steps", "e2e upd",
                "act/env", "lrn/ceil", "overlap")
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     for result in results:
         f, r = result["figures"], result["ratios"]
-        table.add_row(result["sweep"]["value"], *(fmt(f[name]["median"]) for name in FIGURES),
-                      *(fmt_ratio(r[name]) for name in RATIOS))
+        medians = [fmt(f[name]["median"]) for name in FIGURES]
+        medians.insert(list(FIGURES).index("learner") + 1, fmt_ratio(result.get("learner_allreduce_share", math.nan)))
+        table.add_row(result["sweep"]["value"], *medians, *(fmt_ratio(r[name]) for name in RATIOS))
     return table
+
+
+def _learners(result: dict[str, Any]) -> str:
+    """Data-parallel learners, and their gradient all-reduce's share of an update (rank 0's)."""
+    n = result["config"]["learner"].get("num_learners", 1)
+    if n == 1:
+        return ""
+    return f"; {n} data-parallel learners, all-reduce {fmt_ratio(result.get('learner_allreduce_share', math.nan))} of an update"
 
 
 def fmt(x: float) -> str:
