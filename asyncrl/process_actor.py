@@ -1,7 +1,9 @@
 """Process actors: EnvPool, policy inference and the adder in a worker process
 (:mod:`asyncrl.process_worker`), which writes its steps straight into the run's store in shared
-memory; weights pulled from the shared-memory weight store by version. This module is the loop's
-side: it starts and owns the worker and publishes what it wrote.
+memory; weights pulled from the shared-memory weight store by version. With central inference
+(:mod:`asyncrl.inference`) the worker holds no network: it asks the loop's inference task for each
+batch's actions. This module is the loop's side: it starts and owns the worker, hands its
+requests on, and publishes what it wrote.
 
 The worker owns ``slots`` slots. For each batch it takes a free slot, acts, sends the actions,
 runs the adder over its writer (:mod:`asyncrl.writers`: the steps land in the replay's stream
@@ -39,8 +41,9 @@ from asyncrl.adders import Adder
 from asyncrl.episodes import Counted
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
-from asyncrl.process_worker import (ENV_STEPS, FAILED, READY, START, STOP, STOPPING, TAKEN,
-                                    UNGUARDED_MAIN, WAKE, WORKER_NAME, ZERO_NONFINITE, Slots,
+from asyncrl.inference import CentralInference
+from asyncrl.process_worker import (ANSWERED, ENV_STEPS, FAILED, READY, REQUEST, START, STOP, STOPPING,
+                                    TAKEN, UNGUARDED_MAIN, WAKE, WORKER_NAME, ZERO_NONFINITE, Slots,
                                     refuse_inside_a_worker, run_worker)
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
 from asyncrl.shm import shared_zeros
@@ -90,18 +93,22 @@ class ProcessActor(ActorBase):
     ``data`` is the run's store (a shared-memory replay, or the rollout queue) and
     ``make_adder`` makes the worker's adder over its writer; the actor's envs are the store's
     streams ``first_stream ...``. The worker holds ``slots`` batches in flight at most: a
-    replay must let writers run that far ahead (``writers_ahead``)."""
+    replay must let writers run that far ahead (``writers_ahead``). With ``inference`` (central
+    inference) the worker holds no network: ``inference`` acts on its batches, and holds the
+    exploration RNG."""
 
     def __init__(self, index: int, make_env_args: dict[str, Any], algo_name: str,
                  algo_params: dict[str, Any], store: WeightStore, data: Any,
                  make_adder: Callable[[Any], Adder], first_stream: int, recorder: Recorder,
-                 seed: int, pull_every: int, slots: int):
+                 seed: int, pull_every: int, slots: int, inference: CentralInference | None = None):
         refuse_inside_a_worker()
         num_envs = make_env_args["num_envs"]
         super().__init__(num_envs, store, None, recorder)
         self.index = index
         batch = make_env_args.get("batch_size") or num_envs
         self._streams = first_stream + np.arange(num_envs)
+        self._first_stream, self._inference = first_stream, inference
+        self._requests = inference.requests(batch) if inference is not None else None
         self._writer = writer_for(data, slots, batch)
         self._slots = Slots(slots, batch)
         self._views = self._slots.views()
@@ -115,7 +122,7 @@ class ProcessActor(ActorBase):
         self._process = _context().Process(
             target=run_worker, name=f"{WORKER_NAME}{index}", daemon=True,
             args=(index, make_env_args, algo_name, algo_params, store, self._writer, make_adder,
-                  self._slots, self._control, child_conn, seed, pull_every))
+                  self._slots, self._control, child_conn, seed, pull_every, self._requests))
         self._process.start()
         child_conn.close()
         try:
@@ -154,32 +161,53 @@ class ProcessActor(ActorBase):
 
     def rng_state(self) -> dict:
         """The worker's exploration RNG state as plain (JSON-able) data, as of the last batch
-        the loop ingested (the worker may have drawn for the batches in flight since)."""
+        the loop ingested (the worker may have drawn for the batches in flight since); with
+        central inference, the central policy step's (every actor's exploration)."""
+        if self._inference is not None:
+            return self._inference.policy.rng_state()
         return unpack_rng_state(self._rng)
 
     def set_rng_state(self, state: dict) -> None:
         """The state the worker's RNG starts from; before :meth:`run`, which sends it."""
         if self._started:
             raise RuntimeError("set_rng_state must come before run(): the worker is acting")
+        if self._inference is not None:
+            self._inference.policy.set_rng_state(state)
+            return
         self._rng = pack_rng_state(state)
         self._rng_set = True
 
     async def run(self, limiter: RateLimiter, on_steps) -> None:
         loop = asyncio.get_running_loop()
-        ready: asyncio.Queue[bytes | None] = asyncio.Queue()
-        fd = self._conn.fileno()
+        ready: asyncio.Queue[tuple | None] = asyncio.Queue()
+        fd, size, pending = self._conn.fileno(), READY.size, b""
+        inference, requests, first = self._inference, self._requests, self._first_stream
+        answered = struct.pack("<i", ANSWERED)
+
+        def reply() -> None:
+            self._send(answered)
 
         def on_readable() -> None:
             # The pipe's end closes only when the worker exits, however it exits: a reliable
             # death notice (unlike the process sentinel, which a fork server killed by a
             # group-wide signal would fire for every worker).
+            nonlocal pending
             try:
                 data = os.read(fd, 1 << 16)  # every record waiting, in one call
             except OSError:
                 data = b""
             if not data:
                 loop.remove_reader(fd)
-            ready.put_nowait(data or None)
+                ready.put_nowait(None)
+                return
+            pending += data
+            whole = len(pending) - len(pending) % size
+            for record in READY.iter_unpack(pending[:whole]):
+                if record[0] == REQUEST:  # to the inference task at once, even while a batch waits at the gate
+                    inference.ask(requests, first, record[5], reply)
+                else:
+                    ready.put_nowait(record)
+            pending = pending[whole:]
 
         # The worker writes from the store's heads as they are now (a resumed run's) and reads
         # the env-step count from the control tensor before its first action.
@@ -190,27 +218,25 @@ class ProcessActor(ActorBase):
         self._started = True
         self._send(struct.pack("<i", START) + (self._rng.tobytes() if self._rng_set else b""))
         loop.add_reader(fd, on_readable)
-        timer, v, size, pending = self.recorder.timer, self._views, READY.size, b""
+        timer, v = self.recorder.timer, self._views
         try:
             while True:
-                data = await ready.get()
-                if data is None:
+                record = await ready.get()
+                if record is None:
                     if limiter.stopped:  # the run is ending: what the worker did no longer matters
                         return
                     self._process.join(timeout=1)
                     raise ActorDied(f"actor {self.index} (pid {self._process.pid}) died "
                                     f"with exit code {self._process.exitcode}")
-                pending += data
-                whole = len(pending) - len(pending) % size
-                for record in READY.iter_unpack(pending[:whole]):
-                    await self._take(record, limiter, ctl, timer, v)
-                    if on_steps():
-                        return
-                pending = pending[whole:]
+                await self._take(record, limiter, ctl, timer, v)
+                if on_steps():
+                    return
         except LimiterStopped:
             return
         finally:
             loop.remove_reader(fd)
+            if inference is not None:
+                inference.actor_done()
 
     async def _take(self, record: tuple, limiter: RateLimiter, ctl: np.ndarray, timer, v) -> None:
         """One batch the worker wrote: room under the gate, publish, count, give its slot back."""
@@ -230,7 +256,8 @@ class ProcessActor(ActorBase):
         if zeroed:
             self.count_nonfinite(zeroed)
         self.weight_version = version
-        self._rng = v["rng"][slot].copy()
+        if self._inference is None:
+            self._rng = v["rng"][slot].copy()
         ctl[TAKEN] += 1
         ctl[ENV_STEPS] = self.recorder.env_steps
         if full:  # it waits for a slot: this one

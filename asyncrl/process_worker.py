@@ -1,5 +1,6 @@
 """The worker side of a process actor (:mod:`asyncrl.process_actor` is the loop's side): a
-process that steps EnvPool, runs the policy and the adder, writes each batch straight into the
+process that steps EnvPool, runs the policy (or, with central inference, asks the loop's
+:mod:`asyncrl.inference` for its actions) and the adder, writes each batch straight into the
 run's store in shared memory (through :mod:`asyncrl.writers`) and tells the loop what it wrote in
 one fixed-size record. The record format and the control entries both sides use live here."""
 
@@ -21,6 +22,7 @@ from asyncrl.acting import RNG_WORDS, PolicyStep, pack_rng_state, unpack_rng_sta
 from asyncrl.adders import Adder
 from asyncrl.episodes import Episodes, check_finite
 from asyncrl.faults import RunError
+from asyncrl.inference import Requests
 from asyncrl.shm import shared_zeros
 from asyncrl.weights import WeightStore
 from asyncrl.writers import StreamWriter, TrajectorySink
@@ -30,10 +32,13 @@ from asyncrl.writers import StreamWriter, TrajectorySink
 # version, seconds in env wait, inference and slot wait, items written (for the gate), real env
 # steps, episodes ended, steps whose inf/nan became 0, and whether the worker's slots are all in
 # flight (it then waits for a wake-up). Slot -1: the run must stop, for the reason in ``error``.
+# Slot -2 (central inference): a batch of ``written`` envs waits in the worker's requests to be
+# acted on.
 READY = struct.Struct("<iqdddiiiii")
-FAILED = -1
-# Loop -> worker, framed messages: start (may carry RNG words), stop, and wake-ups.
-STOP, START, WAKE = -1, -2, -3
+FAILED, REQUEST = -1, -2
+# Loop -> worker, framed messages: start (may carry RNG words), stop, wake-ups, and (central
+# inference) the answer to a request is in the requests.
+STOP, START, WAKE, ANSWERED = -1, -2, -3, -4
 # Entries of the shared control tensor: the trainer's env steps, stop, nonfinite = "zero", and
 # batches the loop has taken in (slots come back in order, so a count says which are free).
 ENV_STEPS, STOPPING, ZERO_NONFINITE, TAKEN = 0, 1, 2, 3
@@ -73,9 +78,11 @@ class Slots:
 
 def run_worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_params: dict[str, Any],
             store: WeightStore, writer: StreamWriter | TrajectorySink, make_adder: Callable[[Any], Adder],
-            slots: Slots, control: torch.Tensor, conn: mpc.Connection, seed: int, pull_every: int) -> None:
+            slots: Slots, control: torch.Tensor, conn: mpc.Connection, seed: int, pull_every: int,
+            requests: Requests | None = None) -> None:
     """The worker process: receive, pull weights, act, send; write each batch into the store
-    through ``writer`` and tell the loop what it wrote, in a slot."""
+    through ``writer`` and tell the loop what it wrote, in a slot. With ``requests`` (central
+    inference) it builds no network: the loop acts on each batch it asks there."""
     # Signals are the parent's to handle: Ctrl-C in a terminal and GNU timeout signal the whole
     # process group, and a worker that ended on them would read as a dead actor. The parent
     # stops us with a message (or kills us); a parent that is gone closes our pipe.
@@ -85,16 +92,19 @@ def run_worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_p
     try:
         conn.send_bytes(b"")  # hello: the main module imported, this process can act
         torch.set_num_threads(1)  # one thread is fastest for acting networks here (BENCHMARKS.md)
-        from asyncrl import registry
         from asyncrl.envs import make_env
 
         parent = mp.parent_process()
         env = make_env(**make_env_args)
-        cls = registry.get(algo_name)
-        algo = cls(env.spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
-        policy = PolicyStep(algo, env.num_envs, np.random.default_rng([seed, index]), store=store,
-                            pull_every=pull_every, pull_timeout=_PARENT_CHECK_S,
-                            on_stuck_publish=lambda: _check_parent(parent))
+        policy = None
+        if requests is None:  # local inference: the algorithm's acting network, here
+            from asyncrl import registry
+
+            cls = registry.get(algo_name)
+            algo = cls(env.spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
+            policy = PolicyStep(algo, env.num_envs, np.random.default_rng([seed, index]), store=store,
+                                pull_every=pull_every, pull_timeout=_PARENT_CHECK_S,
+                                on_stuck_publish=lambda: _check_parent(parent))
         views, ctl = slots.views(), control.numpy()
         num_slots, sent, fd = len(views["rng"]), 0, conn.fileno()
         episodes = Episodes(env.num_envs)
@@ -104,7 +114,7 @@ def run_worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_p
         start = conn.recv_bytes()
         if struct.unpack_from("<i", start)[0] != START:
             return
-        if len(start) > 4:
+        if len(start) > 4 and policy is not None:
             policy.set_rng_state(unpack_rng_state(np.frombuffer(start, np.int64, offset=4)))
         nonfinite = "zero" if ctl[ZERO_NONFINITE] else "stop"
         writer.attach()
@@ -128,7 +138,14 @@ def run_worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_p
                 views["error"][:len(text)] = np.frombuffer(text, np.uint8)
                 os.write(fd, READY.pack(FAILED, 0, 0, 0, 0, 0, 0, 0, 0, 0))
                 return
-            acted = policy.act(step.obs, step.env_ids, int(ctl[ENV_STEPS]), step.terminated, step.truncated)
+            if policy is not None:
+                acted = policy.act(step.obs, step.env_ids, int(ctl[ENV_STEPS]), step.terminated, step.truncated)
+            else:
+                requests.ask(step)
+                os.write(fd, READY.pack(REQUEST, 0, 0, 0, 0, len(step.env_ids), 0, 0, 0, 0))
+                if not _await_answer(conn, ctl):
+                    return
+                acted = requests.answer(len(step.env_ids))
             env.send(acted.actions, step.env_ids)  # the envs step while the batch is written
             t3 = time.perf_counter()
             slot = sent % num_slots
@@ -139,7 +156,8 @@ def run_worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_p
             ended = len(counted.returns)
             views["returns"][slot, :ended] = counted.returns
             views["lengths"][slot, :ended] = counted.lengths
-            views["rng"][slot] = pack_rng_state(policy.rng_state())
+            if policy is not None:  # central inference: the loop's policy step holds the RNG
+                views["rng"][slot] = pack_rng_state(policy.rng_state())
             sent += 1
             os.write(fd, READY.pack(slot, acted.weight_version, t1 - t0, t3 - t2, t2 - t1, writer.finish(),
                                      counted.steps, ended, zeroed, int(sent - ctl[TAKEN] >= num_slots)))
@@ -148,6 +166,20 @@ def run_worker(index: int, make_env_args: dict[str, Any], algo_name: str, algo_p
     finally:
         if env is not None:
             env.close()
+
+
+def _await_answer(conn: mpc.Connection, ctl: np.ndarray) -> bool:
+    """Wait for the loop's answer to a request; False when told to stop meanwhile. Wake-ups
+    (for slots) are of no use here: a slot was free when the request went out."""
+    while True:
+        if conn.poll(0.1):
+            message = struct.unpack("<i", conn.recv_bytes())[0]
+            if message == ANSWERED:
+                return True
+            if message == STOP:
+                return False
+        elif ctl[STOPPING]:
+            return False
 
 
 def _check_parent(parent) -> None:

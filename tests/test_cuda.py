@@ -264,8 +264,8 @@ def test_learners_draw_onto_the_device_through_the_staging_buffers():
 @cuda
 def test_a_cuda_learner_with_inline_actors_trains_dqn(tmp_path):
     config = build_config(DQN.preset, overrides=[
-        "learner.device='cuda'", "train.total_env_steps=4000", "replay.min_size_to_sample=500",
-        "train.eval_every=4000", "train.eval_episodes=2", "train.log_every=1000"])
+        "learner.device='cuda'", "actors.inference='local'", "train.total_env_steps=4000",
+        "replay.min_size_to_sample=500", "train.eval_every=4000", "train.eval_episodes=2", "train.log_every=1000"])
     trainer = Trainer(config, run_dir=tmp_path)
     result = asyncio.run(asyncio.wait_for(trainer.run(), 240))
     c = trainer.c
