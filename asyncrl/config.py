@@ -115,7 +115,15 @@ class ActorsConfig(ConfigModel):
         "auto",
         description="Where actors run: inline (in the loop's process) or process (a worker process "
         "each, handing batches over in shared memory). auto: process when the learner is on the "
-        "CPU, inline on CUDA and in serial mode.")
+        "CPU or actors.inference is central, inline on CUDA with local inference and in serial mode.")
+    inference: Literal["auto", "local", "central"] = Field(
+        "auto",
+        description="Where process actors' policy forward runs. local: each worker holds a CPU copy "
+        "of the acting network and pulls weights into it. central: workers only step their envs; one "
+        "task in the main process batches every worker's waiting observations into one forward on the "
+        "learner's device with the current weights (no weights travel to workers). auto: central when "
+        "the learner is on CUDA, else local. Central needs process actors (not inline, serial or Ray); "
+        "python -m asyncrl bench --sweep actors.inference=local,central shows which is faster here.")
     slots: int = Field(
         16, ge=1, le=64,
         description="Process actors: batches a worker may have written that the loop has not "
@@ -187,6 +195,11 @@ class LearnerConfig(ConfigModel):
         16, ge=1,
         description="Most updates per learner chunk (batches drawn from replay in one call, one "
         "hand-off to the learner thread), when the limiter allows that many.")
+    num_learners: int = Field(
+        1, ge=1, le=64,
+        description="Learner processes updating one model data-parallel (each on its share of every "
+        "batch, gradients averaged; NCCL with one GPU each on CUDA, gloo on the CPU). 1: the one "
+        "learner in the run's own process. Replayed data only; batch_size must divide by it.")
 
     @field_validator("device")
     @classmethod
@@ -289,6 +302,15 @@ class Config(ConfigModel):
         if self.train.mode == "serial" and self.actors.placement == "process":
             raise ValueError("serial mode runs everything in one task: actors.placement must be "
                              "inline or auto")
+        if self.actors.inference == "central":
+            if self.train.mode == "serial":
+                raise ValueError("serial mode acts inline, in one task: actors.inference must be local or auto")
+            if self.actors.backend == "ray":
+                raise ValueError("actors.inference = 'central' serves this machine's worker processes; "
+                                 "remote actors (actors.backend = 'ray') act locally: use local or auto")
+            if self.actors.placement == "inline":
+                raise ValueError("actors.inference = 'central' serves worker processes, and inline actors "
+                                 "act in the main process already: use actors.placement = 'process' or auto")
         if self.replay.min_size_to_sample > self.replay.capacity:
             raise ValueError(
                 f"replay.min_size_to_sample ({self.replay.min_size_to_sample}) exceeds "

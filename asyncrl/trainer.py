@@ -208,7 +208,12 @@ class Trainer:
         async with asyncio.TaskGroup() as tg:
             for actor in c.actors:
                 tg.create_task(actor.run(c.limiter, self._on_steps))
-            tg.create_task(c.learner.run(in_thread=isinstance(c.actors[0], Actor)))
+            if c.inference is not None:  # acts for every process actor, until their runs end
+                tg.create_task(c.inference.run())
+            # In a thread beside inline actors; and in an offline run, where no actor shares the
+            # process: its chunks then hold max_updates_per_call updates, not a loop slice's few.
+            in_thread = isinstance(c.actors[0], Actor) or self.config.replay.dataset is not None
+            tg.create_task(c.learner.run(in_thread=in_thread))
             tg.create_task(self._evaluator())
             tg.create_task(self._checkpointer())
             tg.create_task(self._watch_stop())
@@ -298,6 +303,8 @@ class Trainer:
     def _finish_sync(self) -> None:
         """After the tasks ended: a last evaluation and the final checkpoint."""
         rec = self.c.recorder
+        if self.config.replay.dataset is not None:  # an offline run's steps are its updates: the
+            rec.env_steps = rec.updates  # learner thread's last chunk may end after the clock's last tick
         self.result["train_wall_s"] = rec.wall_s  # training alone, before the final eval and save
         if self._evals.last_version != self.c.store.version and rec.env_steps > 0:
             self._check_target(self._evals.now())  # the final policy has not been evaluated yet
@@ -337,6 +344,7 @@ class Trainer:
         """Stop every actor (joining worker processes), close the envs and the sinks."""
         if self.c is not None:
             self.c.limiter.stop()
+            self.c.learner.close()  # data-parallel learners' processes
             for actor in self.c.actors:
                 actor.close()
             if self.c.remote is not None:

@@ -18,9 +18,12 @@ from pydantic import BaseModel
 from asyncrl import registry
 from asyncrl.actor import Actor
 from asyncrl.config import Config, ConfigError, with_run_defaults
-from asyncrl.core import Algorithm, EnvSpec, actor_state_spec, needs_dataset
+from asyncrl.core import Algorithm, EnvSpec, TrajectoryData, actor_state_spec, needs_dataset
+from asyncrl.distributed import check_data_parallel
 from asyncrl.envs import VecEnv, make_env
+from asyncrl.inference import CentralInference
 from asyncrl.learner import Learner, deterministic_on_cuda, pick_device
+from asyncrl.learner_group import LearnerGroup
 from asyncrl.metrics import Recorder
 from asyncrl.plans import Data, Setting, learner_batch_size, plan_for
 from asyncrl.process_actor import ProcessActor, start_fork_server
@@ -48,12 +51,14 @@ class Components:
     actors: list[Actor | ProcessActor]
     learner: Learner
     remote: Any = None  # the Ray backend (actors.backend = "ray"): closed after the actors
+    inference: CentralInference | None = None  # central inference: a task beside the actors
 
 
 def placement(config: Config, device: torch.device, env_fn: Callable | None) -> str:
     """Where actors run. auto: in worker processes when the learner is on the CPU (acting and
-    learning then do not share one GIL), inline when it is on CUDA (its launches barely hold the
-    GIL), and inline in serial mode or for an env given as a Python callable. ``ray``: remote
+    learning then do not share one GIL) or inference is central (on CUDA by default), inline on
+    CUDA with local inference (its launches barely hold the GIL), and inline in serial mode or for
+    an env given as a Python callable. ``ray``: remote
     actors (actors.backend = "ray"). ``none``: an offline run (replay.dataset)."""
     if config.replay.dataset is not None:
         return "none"  # learning from a dataset: no actor acts
@@ -63,11 +68,25 @@ def placement(config: Config, device: torch.device, env_fn: Callable | None) -> 
         return "ray"
     chosen = config.actors.placement
     if chosen == "auto":
-        inline = config.train.mode == "serial" or device.type == "cuda" or env_fn is not None
+        inline = (config.train.mode == "serial" or env_fn is not None
+                  or device.type == "cuda" and config.actors.inference == "local")
         return "inline" if inline else "process"
     if chosen == "process" and env_fn is not None:
         raise ConfigError("actors.placement = 'process' needs an env id, not a Python env factory")
     return chosen
+
+
+def central_inference(config: Config, device: torch.device, where: str) -> bool:
+    """Whether actors placed ``where`` ask one central inference task for their actions
+    (actors.inference; auto: process actors of a CUDA learner)."""
+    chosen = config.actors.inference
+    if where == "none":  # an offline run: nothing acts
+        return False
+    if chosen == "central" and where != "process":
+        raise ConfigError(f"invalid config: actors.inference = 'central' batches worker processes' "
+                          f"observations, and {config.algo.name}'s actors run {where} here (an env given "
+                          "as a Python callable, or acting that waits for each update): use local or auto")
+    return where == "process" and (chosen == "central" or chosen == "auto" and device.type == "cuda")
 
 
 def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) -> Components:
@@ -99,21 +118,30 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
         else:  # the workers make their own envs; one small env tells the spec (and checks the id)
             spec = probe_spec(config)
         algo = make_algo(config, spec, device, params)
+        learners = config.learner.num_learners
+        if learners > 1:  # one line before any learner or actor process starts
+            _check_learners(config, algo, device)
         if actor_state_spec(algo) and where == "ray":
             raise ConfigError(f"{config.algo.name} carries a recurrent actor state, which remote "
                               f"actors do not carry yet: use actors.backend = 'local'")
         plan = plan_for(algo.data, config)
         where = plan.place(config, algo, where)
+        central = central_inference(config, device, where)
         if where == "inline" and not envs:  # the plan keeps actors inline
             envs.extend(make_env(**args, env_fn=env_fn) for args in env_args)
         store = WeightStore.for_module(algo.acting_network)
         store.publish(algo.acting_network)
-        data = plan.make(Setting(config, spec, algo, device, where, store, recorder))
-        learner = Learner(algo, data.gate, data.draw, store, recorder, data.batch_size, data.publish_every,
-                          config.learner.max_updates_per_call, config.learner.max_nonfinite_in_a_row,
-                          config.learner.flush_denormal, acting_waits=data.acting_waits)
+        # Data-parallel learners take their batches from shared memory on the CPU, each rank
+        # moving its shard to its own device.
+        draws_on = device if learners == 1 else torch.device("cpu")
+        data = plan.make(Setting(config, spec, algo, draws_on, where, store, recorder))
+        learner_args = (algo, data.gate, data.draw, store, recorder, data.batch_size, data.publish_every,
+                        config.learner.max_updates_per_call, config.learner.max_nonfinite_in_a_row,
+                        config.learner.flush_denormal)
+        learner = (Learner(*learner_args, acting_waits=data.acting_waits) if learners == 1
+                   else LearnerGroup(*learner_args, config=config, spec=spec))
         actors: list[Actor | ProcessActor] = []
-        remote = None
+        remote = inference = None
         if where == "inline":
             actors = [data.actor_cls(env, algo, store, data.adder(i)(data.store), recorder,
                                      np.random.default_rng([seed, i]), config.actors.pull_every,
@@ -127,13 +155,17 @@ def build(config: Config, recorder: Recorder, env_fn: Callable | None = None) ->
             remote, actors = _ray_actors(config, spec, store, env_args, lambda i: data.adder(i)(data.store),
                                          recorder, data.remote_extras)
         else:
-            actors = _process_actors(config, env_args, store, data, recorder)
+            if central:  # one forward on the learner's device for all
+                inference = CentralInference(algo, spec, store, device, config.num_streams,
+                                             np.random.default_rng([seed, 0]), config.actors.pull_every, recorder)
+            actors = _process_actors(config, env_args, store, data, recorder, inference)
     except BaseException:
         for env in envs:
             env.close()
         raise
     _steps_checked(actors, config)
-    return Components(config, spec, algo, data.store, data.gate, store, recorder, actors, learner, remote)
+    return Components(config, spec, algo, data.store, data.gate, store, recorder, actors, learner, remote,
+                      inference)
 
 
 def algo_params(config: Config) -> tuple[type[Algorithm], BaseModel]:
@@ -184,7 +216,7 @@ def _ray_actors(config: Config, spec: EnvSpec, store: WeightStore, env_args: lis
 
 
 def _process_actors(config: Config, env_args: list[dict[str, Any]], store: WeightStore, data: Data,
-                    recorder: Recorder) -> list[ProcessActor]:
+                    recorder: Recorder, inference: CentralInference | None = None) -> list[ProcessActor]:
     """One worker process per actor, writing into the plan's store through its adder, up to the
     plan's slots ahead; those started are closed if a later one fails to start."""
     actors: list[ProcessActor] = []
@@ -192,12 +224,26 @@ def _process_actors(config: Config, env_args: list[dict[str, Any]], store: Weigh
         for i in range(config.actors.num_actors):
             actors.append(ProcessActor(i, env_args[i], config.algo.name, config.algo.params, store,
                                        data.store, data.adder(i), i * config.env.num_envs, recorder,
-                                       config.train.seed, config.actors.pull_every, data.slots))
+                                       config.train.seed, config.actors.pull_every, data.slots, inference))
     except BaseException:
         for actor in actors:
             actor.close()
         raise
     return actors
+
+
+def _check_learners(config: Config, algo: Algorithm, device: torch.device) -> None:
+    """What ``learner.num_learners > 1`` cannot run (see :func:`check_data_parallel`)."""
+    n = config.learner.num_learners
+    if device.type == "cuda" and torch.cuda.device_count() < n:  # NCCL refuses two ranks on one GPU
+        raise ConfigError(f"invalid config: learner.num_learners = {n} on CUDA runs one learner per "
+                          f"GPU, and this box has {torch.cuda.device_count()}: use at most that many, "
+                          "or learner.device = 'cpu'")
+    if isinstance(algo.data, TrajectoryData):
+        raise ConfigError(f"invalid config: learner.num_learners = {n} learns from replayed data "
+                          f"(transitions, sequences), and {config.algo.name} learns from trajectories "
+                          "each used once (on-policy), which it does not support: use 1")
+    check_data_parallel(algo, n, config.learner.batch_size)
 
 
 def _steps_checked(actors: list, config: Config) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +33,8 @@ from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.rollout import RolloutQueue
 from asyncrl.trainer import Trainer
-from asyncrl.wiring import Components, build, learner_batch_size, make_algo, placement, probe_spec
+from asyncrl.wiring import (Components, build, central_inference, learner_batch_size, make_algo, placement,
+                            probe_spec)
 
 _UNBOUNDED = 1e15  # an error buffer (in samples) wide enough that the limiter refuses nothing
 _NEVER = 10**15  # env steps: "not during a benchmark"
@@ -56,6 +58,7 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     where = placement(config, device, None)
     spec = probe_spec(config)
     runs: dict[str, list[float]] = {name: [] for name in FIGURES}
+    allreduce_shares: list[float] = []  # data-parallel learners: the all-reduce's share of an update
     offline = config.replay.dataset is not None
 
     def record(name: str, repeat: int, value: float) -> None:
@@ -74,8 +77,9 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
                 record("env_ceiling", i, measure_env_ceiling(config, spec, seconds, warmup_s))
                 record("acting", i, await measure_acting(config, seconds, warmup_s))
             record("learning_ceiling", i, measure_learning_ceiling(config, spec, seconds, warmup_s))
-            record("learner", i, await measure_learner(config, seconds, warmup_s,
-                                                       in_thread=where == "inline"))
+            rate, allreduce = await measure_learner(config, seconds, warmup_s, in_thread=where in ("inline", "none"))
+            record("learner", i, rate)
+            allreduce_shares.append(allreduce)
             env_steps, updates = await measure_end_to_end(config, seconds, warmup_s)
             record("end_to_end_env_steps", i, env_steps)
             record("end_to_end_updates", i, updates)
@@ -85,12 +89,14 @@ async def bench(config: Config, *, seconds: float = 5.0, repeats: int = 3,
     on_policy = isinstance(data, TrajectoryData)
     # Where the learner's updates run, as the trainer would run them: beside inline actors in a
     # thread, unless acting waits for each update anyway (then in the loop, see Learner.run).
-    in_thread = where == "inline" and not (on_policy and data.wait_for_learner)
+    in_thread = where in ("inline", "none") and not (on_policy and data.wait_for_learner)  # none: offline
     learner_runs = "serial" if config.train.mode == "serial" else "thread" if in_thread else "loop"
     per_update = (learner_batch_size(config, data) * data.length if on_policy
                   else None)  # on-policy: every trajectory step is used once
     return summarize(config, runs, per_update, in_turns=on_policy and data.wait_for_learner, offline=offline,
-                     device=str(device), placement=where, learner_runs=learner_runs,
+                     learner_allreduce_share=statistics.median(allreduce_shares),
+                     device=str(device), learner_runs=learner_runs,
+                     placement=f"{where}, central inference" if central_inference(config, device, where) else where,
                      seconds=seconds, warmup_s=warmup_s)
 
 
@@ -132,6 +138,8 @@ async def measure_acting(config: Config, seconds: float, warmup_s: float) -> flo
         async with asyncio.TaskGroup() as tg:
             for actor in c.actors:
                 tg.create_task(actor.run(c.limiter, lambda: done))
+            if c.inference is not None:  # central inference acts for the process actors
+                tg.create_task(c.inference.run())
             if isinstance(c.replay, RolloutQueue):
                 tg.create_task(_take_and_republish(c))
             try:
@@ -165,18 +173,20 @@ def measure_learning_ceiling(config: Config, spec: EnvSpec, seconds: float, warm
         return _timed(step, lambda: updates, seconds, warmup_s, sync)
 
 
-async def measure_learner(config: Config, seconds: float, warmup_s: float, in_thread: bool) -> float:
-    """Updates/s of the engine's learner on a replay of synthetic steps, with no actors."""
+async def measure_learner(config: Config, seconds: float, warmup_s: float, in_thread: bool
+                          ) -> tuple[float, float]:
+    """Updates/s of the engine's learner on a replay of synthetic steps, with no actors, and
+    (data-parallel learners) the gradient all-reduce's share of the update time, else nan."""
     recorder = Recorder(config.train.log_every, [])
     # Built inline: the learner needs no actors, and process actors would start workers for
     # nothing. Where updates run (thread or loop) still follows the real placement.
-    c = build(_with(config, {"replay": {"error_buffer": _UNBOUNDED}, "actors": {"placement": "inline"}}),
-              recorder)
+    c = build(_with(config, {"replay": {"error_buffer": _UNBOUNDED},
+                             "actors": {"placement": "inline", "inference": "local"}}), recorder)
     try:
         for actor in c.actors:
             actor.close()
         if isinstance(c.replay, RolloutQueue):
-            return await _measure_trajectory_learner(c, seconds, warmup_s, in_thread)
+            return await _measure_trajectory_learner(c, seconds, warmup_s, in_thread), math.nan
         r = config.replay
         if r.dataset is None:  # an offline run's replay holds its dataset, and its gate is open
             fill_replay(c.replay, c.spec, min(r.capacity, _REPLAY_FILL * r.min_size_to_sample),
@@ -186,17 +196,27 @@ async def measure_learner(config: Config, seconds: float, warmup_s: float, in_th
             def step() -> None:
                 c.limiter.try_sample()
                 c.learner.step()
-            return _timed(step, lambda: recorder.updates, seconds, warmup_s)
+            rate = _timed(step, lambda: recorder.updates, seconds, warmup_s)
+            return rate, _ratio_or_nan(getattr(c.learner, "reduce_s", 0.0), getattr(c.learner, "update_s", 0.0))
+
+        def counters() -> tuple[float, float, float]:  # data-parallel learners time their parts
+            return recorder.updates, getattr(c.learner, "reduce_s", 0.0), getattr(c.learner, "update_s", 0.0)
+
         async with asyncio.TaskGroup() as tg:
             tg.create_task(c.learner.run(in_thread=in_thread))
             try:
-                (rate,) = await _window(lambda: (recorder.updates,), lambda: recorder.updates > 0,
-                                        seconds, warmup_s, "learner")
+                rate, reducing, updating = await _window(counters, lambda: recorder.updates > 0,
+                                                         seconds, warmup_s, "learner")
             finally:
                 c.limiter.stop()
-        return rate
+        return rate, _ratio_or_nan(reducing, updating)
     finally:
         c.limiter.stop()
+        c.learner.close()
+
+
+def _ratio_or_nan(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
 
 
 async def measure_end_to_end(config: Config, seconds: float, warmup_s: float) -> tuple[float, float]:
