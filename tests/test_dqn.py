@@ -150,3 +150,25 @@ def test_pong_config_starts_and_trains(tmp_path):
     result = asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=tmp_path).run(), 240))
     assert result["env_steps"] >= 600 and result["updates"] > 0
     assert result["eval"]["eval/episodes"] == 1
+
+
+def test_the_lunarlander_config_starts_trains_and_checkpoints(tmp_path):
+    """configs/dqn_lunarlander.toml as a user starts from it (its budget cut short, the update
+    left eager here: compiling it costs ~40 s on this box): LunarLander-v3's 8 observations
+    and 4 actions, RL-Zoo's [256, 256], lr and batch, evaluated and checkpointed."""
+    from pathlib import Path
+
+    from asyncrl import checkpoint
+
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "dqn_lunarlander.toml"
+    cfg = build_config(file=config_file, overrides=[
+        "algo.compile=false", "replay.min_size_to_sample=300", "train.total_env_steps=1000",
+        "train.eval_every=100000", "train.eval_episodes=1", "env.eval_kwargs.max_episode_steps=100",
+        "train.tensorboard=false", "train.live=false"])
+    assert (cfg.algo.params["hidden"], cfg.algo.params["lr"], cfg.learner.batch_size) == ([256, 256], 6.3e-4, 128)
+    assert cfg.train.target_return == 200.0 and build_config(file=config_file).algo.params["compile"] is True
+    trainer = Trainer(cfg, run_dir=tmp_path)
+    result = asyncio.run(asyncio.wait_for(trainer.run(), 120))
+    assert trainer.c.spec.obs_shape == (8,) and trainer.c.spec.num_actions == 4
+    assert result["env_steps"] >= 1000 and result["updates"] >= 1 and "eval/return_mean" in result["eval"]
+    assert checkpoint.checkpoints(tmp_path / "checkpoints")
