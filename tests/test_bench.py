@@ -34,7 +34,8 @@ def measured() -> tuple[dict, int]:
     """One whole bench of the default config (process actors on a CPU), and the thread count
     before it."""
     threads = threading.active_count()
-    result = run_bench(build_config(DQN.preset, overrides=SHORT), warmup_s=0.2, **BRIEF)
+    result = run_bench(build_config(DQN.preset, overrides=[*SHORT, "learner.device='cpu'"]), warmup_s=0.2,
+                       **BRIEF)
     return result, threads
 
 

@@ -140,7 +140,8 @@ def test_ppo_gaussian_head_starts_on_pendulum(tmp_path, monkeypatch):
     algo = trainer.c.algo  # its std learnt: moved off the initial one (0.02 in 3 updates here)
     assert float((algo.net.log_std.detach() - algo.config.init_log_std).abs().max()) > 1e-3
     spec = trainer.c.spec
-    actions, extras = trainer.c.algo.act(trainer.c.algo.net, torch.zeros(5, *spec.obs_shape),
+    zeros = torch.zeros(5, *spec.obs_shape, device=algo.device)  # where its network is
+    actions, extras = trainer.c.algo.act(trainer.c.algo.net, zeros,
                                          0, np.random.default_rng(0))
     assert actions.shape == (5, 1) and np.all(np.abs(actions) <= 2.0)
     assert set(extras) == {"log_prob", "raw_action"}
@@ -341,7 +342,7 @@ def test_pong_configs_start_train_and_checkpoint(tmp_path, name, monkeypatch):
     assert {shape[1:] for _, shape in seen["acted_on"]} == {FRAMES}
     assert len(seen["batches"]) == result["updates"]
     for obs, applied in seen["batches"]:
-        assert_frame_stacks(obs.numpy(), applied.numpy())
+        assert_frame_stacks(obs.cpu().numpy(), applied.cpu().numpy())
     assert checkpoint.checkpoints(tmp_path / "checkpoints")
 
 
