@@ -4,8 +4,9 @@
 #     bench/gpu.sh [OUT_DIR]        # OUT_DIR defaults to ./gpu-bench-<date>
 #
 # runs `python -m asyncrl bench` with the learner on CUDA for DQN on Pong-v5, PPO on Pong-v5 and
-# SAC on HalfCheetah-v5 (their configs/*.toml), writes each one's JSON (raw figures, medians,
-# ratios) and table into OUT_DIR, with the machine's description (GPU, driver, torch, commit)
+# SAC on HalfCheetah-v5 (their configs/*.toml), then DQN on Pong with local against central
+# inference (a sweep) and bench/forward_time.py (the acting step per batch size), writes each
+# one's JSON (raw figures, medians, ratios) and table into OUT_DIR, with the machine's description (GPU, driver, torch, commit)
 # in OUT_DIR/machine.txt. On a box without CUDA it says so in one line and exits 0.
 #
 # Time, on paper (not yet measured on a GPU box). Each bench runs 5 modes x REPEATS x (warm-up
@@ -56,6 +57,9 @@ BENCHES=(
     "dqn_pong|--config configs/dqn_pong.toml --set replay.min_size_to_sample=5000"
     "ppo_pong|--config configs/ppo_pong.toml"
     "sac_halfcheetah|--config configs/sac_halfcheetah.toml --set replay.min_size_to_sample=2000 --set algo.random_steps=2000"
+    # issue 23: four process actors, each worker's CPU forward (local) against one batched forward
+    # on the GPU (central); a sweep is two benches, so it gets twice the cap
+    "dqn_pong_inference|--config configs/dqn_pong.toml --set replay.min_size_to_sample=5000 --set actors.placement='process' --set actors.num_actors=4 --sweep actors.inference=local,central"
 )
 failed=()
 start=$(date +%s)
@@ -65,7 +69,8 @@ for entry in "${BENCHES[@]}"; do
     t0=$(date +%s)
     echo "== $name: python -m asyncrl bench $args --set learner.device='$DEVICE' --seconds $SECONDS_PER_MODE --repeats $REPEATS"
     # shellcheck disable=SC2086  # $args is a list of words
-    if ! timeout --signal=INT --kill-after=15 "$CAP_S" "$PY" -m asyncrl bench $args \
+    cap=$CAP_S; [[ $args == *--sweep* ]] && cap=$((2 * CAP_S))
+    if ! timeout --signal=INT --kill-after=15 "$cap" "$PY" -m asyncrl bench $args \
             --set "learner.device='$DEVICE'" --seconds "$SECONDS_PER_MODE" --repeats "$REPEATS" \
             --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"; then
         failed+=("$name")
@@ -73,6 +78,10 @@ for entry in "${BENCHES[@]}"; do
     [ -s "$OUT/$name.json" ] || [[ " ${failed[*]} " == *" $name "* ]] || failed+=("$name")
     echo "== $name: $(( $(date +%s) - t0 )) s"
 done
+# the acting step's cost per batch, CPU (one thread) and GPU: what central inference trades
+echo "== forward_time: python bench/forward_time.py --config configs/dqn_pong.toml"
+timeout 120 "$PY" bench/forward_time.py --config configs/dqn_pong.toml --json "$OUT/forward_time.json" \
+    2>&1 | tee "$OUT/forward_time.txt" || failed+=("forward_time")
 echo "bench/gpu.sh: $(( $(date +%s) - start )) s; results in $OUT"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "bench/gpu.sh: no result for: ${failed[*]} (see $OUT/<name>.txt)"

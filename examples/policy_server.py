@@ -26,7 +26,10 @@ async def serve(args: argparse.Namespace) -> None:
     trainer = Trainer.from_algo(args.algo, env=args.env, overrides=args.set, run_dir=args.run_dir)
     policy = trainer.policy()  # its own network, refreshed from the weight store by version
 
+    clients: set[asyncio.StreamWriter] = set()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        clients.add(writer)
         try:
             while line := await reader.readline():
                 try:
@@ -41,6 +44,7 @@ async def serve(args: argparse.Namespace) -> None:
         except ConnectionError:
             pass
         finally:
+            clients.discard(writer)
             writer.close()
 
     async def report() -> None:
@@ -61,12 +65,21 @@ async def serve(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(handle, args.host, args.port)
     host, port = server.sockets[0].getsockname()[:2]
     print(f"listening on {host}:{port}", flush=True)
-    async with server, asyncio.TaskGroup() as tg:
-        tg.create_task(report())
-        result = await trainer.run()
-        print(json.dumps({"run_dir": result["run_dir"], "env_steps": result["env_steps"]}), flush=True)
-        if not args.exit_when_done:
-            await done.wait()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(report())
+            result = await trainer.run()
+            print(json.dumps({"run_dir": result["run_dir"], "env_steps": result["env_steps"]}), flush=True)
+            if not args.exit_when_done:
+                await done.wait()
+    finally:
+        # Close the clients still connected as well as the listening socket: from Python 3.12
+        # on, wait_closed() waits for every connection, so one idle client would keep the
+        # server (and the process) from ever exiting.
+        server.close()
+        for writer in list(clients):
+            writer.close()
+        await server.wait_closed()
 
 
 def main() -> int:
