@@ -182,6 +182,11 @@ class LearnerConfig(ConfigModel):
         description="Updates whose loss or gradient is non-finite are rolled back, not applied, and "
         "counted (charts/skipped_updates); this many in a row stop the run with an error.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N'.")
+    tf32: bool = Field(
+        True,
+        description="On CUDA: float32 matmuls and cuDNN convolutions in TF32 on GPUs that have it "
+        "(Ampere and later; ~1e-3 relative precision, several times the float32 throughput). "
+        "Process-wide, as torch keeps it; false for full float32. No effect on the CPU.")
     torch_threads: int = Field(
         1, ge=1,
         description="torch intra-op threads. One is fastest for small networks on few cores "

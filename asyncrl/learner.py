@@ -82,6 +82,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def set_tf32(device: torch.device, on: bool) -> None:
+    """learner.tf32 for a learner (or central inference) on ``device``: TF32 matmuls and cuDNN
+    convolutions on CUDA, full float32 when off; the CPU is left as it is."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
 def deterministic_on_cuda() -> None:
     """Serial mode on CUDA: deterministic kernels (warning, not failing, where an op has none) and
     cuDNN's deterministic, unbenchmarked convolutions; cuBLAS needs its workspace setting before its

@@ -49,9 +49,11 @@ class WeightStore:
         self._sequence = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.read_retries = 0  # per process: reads that overlapped a publish and were redone
         self._params: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}
+        self._pinned: torch.Tensor | None = None  # a CUDA writer's staging vector (page-locked)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_params": {}}  # a child process gets the storage, not modules
+        # A child process gets the storage, not modules nor the writer's staging.
+        return {**self.__dict__, "_params": {}, "_pinned": None}
 
     def _parameters(self, module: nn.Module) -> list[torch.Tensor]:
         # Walking a module's tree for its parameters costs more than copying a small network's
@@ -86,6 +88,8 @@ class WeightStore:
         size = sum(s.numel() for s in sources)
         if size != self.num_params:
             raise ValueError(f"publishing {size} parameters into a store of {self.num_params}")
+        if sources[0].is_cuda:  # one transfer, waited for before the seqlock: readers wait for a memcpy
+            sources = [self._staged(sources)]
 
         sequence = int(self._sequence.item())
         self._sequence.fill_(sequence + 1)
@@ -100,6 +104,21 @@ class WeightStore:
         finally:
             self._sequence.fill_(done)
         return done // 2
+
+    def _staged(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        """Parameters on a GPU as one page-locked host vector: gathered on the device (one
+        kernel), sent in one asynchronous device-to-host copy, then waited for (the copy waits
+        for the updates queued before it). Replaces a blocking copy per tensor, each while
+        readers saw the publish in progress. Pinned against the parameters' own device, so a
+        ``cuda:N`` learner opens no context on GPU 0."""
+        device = sources[0].device
+        with torch.cuda.device(device):
+            if self._pinned is None:
+                self._pinned = torch.empty(self.num_params, dtype=torch.float32, pin_memory=True)
+            flat = torch.cat([s.reshape(-1).to(torch.float32) for s in sources])
+            self._pinned.copy_(flat, non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+        return self._pinned
 
     def read_into(self, out_flat: torch.Tensor, timeout: float = READ_TIMEOUT_S) -> int:
         """Copy a consistent snapshot into ``out_flat`` and return its version. Raises

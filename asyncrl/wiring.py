@@ -22,7 +22,7 @@ from asyncrl.core import Algorithm, EnvSpec, TrajectoryData, actor_state_spec, n
 from asyncrl.distributed import check_data_parallel
 from asyncrl.envs import VecEnv, make_env
 from asyncrl.inference import CentralInference
-from asyncrl.learner import Learner, deterministic_on_cuda, pick_device
+from asyncrl.learner import Learner, deterministic_on_cuda, pick_device, set_tf32
 from asyncrl.learner_group import LearnerGroup
 from asyncrl.metrics import Recorder
 from asyncrl.plans import Data, Setting, learner_batch_size, plan_for
@@ -181,6 +181,7 @@ def make_algo(config: Config, spec: EnvSpec, device: torch.device,
     builds its own from here too); ConfigError when it refuses the env. ``params``:
     :func:`algo_params`'s answer, where it was made already."""
     cls, algo_config = params or algo_params(config)
+    set_tf32(device, config.learner.tf32)  # every learner, data-parallel ranks and the bench alike
     torch.manual_seed(config.train.seed)
     try:
         return cls(spec, algo_config, device)

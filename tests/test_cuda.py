@@ -277,3 +277,45 @@ def test_a_cuda_learner_with_inline_actors_trains_dqn(tmp_path):
     # Every draw went through the two sets of staging buffers: a handful of allocations (a set
     # doubles when a larger chunk comes: 1 + log2(16) times at most per field), not one per draw.
     assert 0 < staging.allocations <= 2 * 6 * 5 < result["updates"]
+
+
+def test_tf32_follows_the_config_on_cuda_and_leaves_the_cpu_alone(monkeypatch):
+    """learner.tf32 reaches torch's two switches for a CUDA learner (make_algo sets it, so data-
+    parallel ranks and the bench get it too); a CPU learner changes neither."""
+    from asyncrl.learner import set_tf32
+    from asyncrl.wiring import make_algo, probe_spec
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for on in (True, False):
+            set_tf32(torch.device("cuda"), on)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
+        set_tf32(torch.device("cpu"), True)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        seen = []
+        monkeypatch.setattr("asyncrl.wiring.set_tf32", lambda device, on: seen.append((device.type, on)))
+        config = build_config(DQN.preset, overrides=["learner.tf32=false"])
+        make_algo(config, probe_spec(config), torch.device("cpu"))
+        assert seen == [("cpu", False)]
+        assert build_config(DQN.preset).learner.tf32 is True  # on by default
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@cuda
+def test_publishing_from_the_gpu_is_one_staged_copy_and_reads_back_exactly():
+    from asyncrl.weights import WeightStore
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).cuda()
+    store = WeightStore.for_module(net)
+    assert store.publish(net) == 1
+    assert store._pinned is not None and store._pinned.is_pinned()
+    pinned = store._pinned
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    assert store.publish(net) == 2 and store._pinned is pinned  # allocated once
+    out = torch.empty(store.num_params)
+    assert store.read_into(out) == 2
+    expected = torch.cat([p.detach().reshape(-1).cpu() for p in net.parameters()])
+    assert torch.equal(out, expected)
