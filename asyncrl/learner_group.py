@@ -336,7 +336,7 @@ def _serve(rank: int, world_size: int, port: int, config: Config, spec: EnvSpec,
         elif kind == "chunk":
             _, count, publish = message
             guard.before_chunk(algo)
-            metrics, given = [], []
+            metrics, given, prios = [], [], []
             with denormals_flushed(lc.flush_denormal):
                 for i in range(count):
                     mine = shard(_rebuilt(cls, {k: slab[i] for k, slab in slabs.items()}), rank, world_size)
@@ -344,8 +344,12 @@ def _serve(rank: int, world_size: int, port: int, config: Config, spec: EnvSpec,
                     metrics.append(row)
                     given.append(prio is not None)
                     if prio is not None:
-                        size = len(prio)
-                        priorities[i, rank * size:(rank + 1) * size] = prio.detach().float().cpu()
+                        prios.append((i, prio.detach().float()))
+            if prios:  # one copy to the host per chunk, not a device sync per update
+                size = len(prios[0][1])
+                host = torch.stack([p for _, p in prios]).cpu()
+                for (i, _), row in zip(prios, host):
+                    priorities[i, rank * size:(rank + 1) * size] = row
             # The chunk's verdict rides in the one all-reduce of its metrics: all ranks alike.
             last = {**metrics[-1], "_finite": float(NonFiniteGuard.finite(metrics))}
             averaged = {k: float(v) for k, v in average_metrics(last).items()}
