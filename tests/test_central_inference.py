@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -123,7 +124,22 @@ def test_several_actors_in_one_forward_get_their_own_actions_and_states(algo_cls
         assert covered["nonzero_state"] > 0
 
 
-def test_run_dqn_with_central_inference_uses_it(tmp_path):
+@pytest.mark.parametrize("threaded", [False, True], ids=["forward_in_the_loop", "forward_in_a_thread"])
+def test_run_dqn_with_central_inference_uses_it(tmp_path, monkeypatch, threaded):
+    """Central inference acts for every worker; its forward runs in the loop's thread on the
+    CPU and in a worker thread on a GPU (forced here on the CPU: the same run must hold)."""
+    init, act, threads = CentralInference.__init__, CentralInference.act, set()
+
+    def forced(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.threaded = threaded or self.threaded
+
+    def watched(self, asks):
+        threads.add(threading.get_ident())
+        return act(self, asks)
+
+    monkeypatch.setattr(CentralInference, "__init__", forced)
+    monkeypatch.setattr(CentralInference, "act", watched)
     config = build_config(DQN.preset, overrides=[
         "actors.inference=central", "actors.num_actors=2", "env.batch_size=4", "train.total_env_steps=3000",
         "replay.min_size_to_sample=500", "train.eval_every=100000", "train.checkpoint_every=100000",
@@ -137,6 +153,8 @@ def test_run_dqn_with_central_inference_uses_it(tmp_path):
     assert c.inference.policy.version > 1  # central inference pulled the learner's new weights
     assert max(a.weight_version for a in c.actors) > 1  # and the actors' batches say so
     assert not multiprocessing.active_children()
+    off_the_loop = threaded or c.algo.device.type == "cuda"
+    assert threads and (threading.get_ident() not in threads) == off_the_loop
 
 
 @pytest.mark.parametrize("algo_cls, extra", [
