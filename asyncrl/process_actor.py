@@ -55,6 +55,7 @@ log = logging.getLogger("asyncrl")
 # From a worker's start to its hello: unpickling and importing the main module, milliseconds from a
 # fork server for a guarded script. Far longer means its import never ends.
 _HELLO_TIMEOUT_S = 120.0
+_ENDED = object()  # in an actor's queue: the run ended on a batch taken in the reader's callback
 
 
 class ActorDied(RuntimeError):
@@ -179,13 +180,35 @@ class ProcessActor(ActorBase):
 
     async def run(self, limiter: RateLimiter, on_steps) -> None:
         loop = asyncio.get_running_loop()
-        ready: asyncio.Queue[tuple | None] = asyncio.Queue()
+        ready: asyncio.Queue[Any] = asyncio.Queue()  # records; None: the worker's end; _ENDED; an error
         fd, size, pending = self._conn.fileno(), READY.size, b""
         inference, requests, first = self._inference, self._requests, self._first_stream
         answered = struct.pack("<i", ANSWERED)
 
         def reply() -> None:
             self._send(answered)
+
+        busy = ended = False  # the task holds a record (waiting at the gate); the run has ended
+
+        def take_now(record: tuple) -> bool:
+            """A batch taken in the reader's callback, without the hand-off to this task (a
+            queue put, a task wake-up and a get: a third of the loop's work per batch), when
+            nothing is ahead of it and the gate has room now. Failures and the end of the run
+            still reach the task, through the queue."""
+            nonlocal ended
+            if ended or busy or not ready.empty() or record[0] == FAILED or limiter.stopped:
+                return ended
+            try:
+                if record[5] and not limiter.try_insert(record[5]):
+                    return False
+                self._ingest(record, ctl, timer, v, 0.0)
+                if on_steps():
+                    ended = True
+                    ready.put_nowait(_ENDED)
+            except BaseException as exc:  # noqa: BLE001 - raised in the task, not the loop's handler
+                ended = True
+                ready.put_nowait(exc)
+            return True
 
         def on_readable() -> None:
             # The pipe's end closes only when the worker exits, however it exits: a reliable
@@ -205,7 +228,7 @@ class ProcessActor(ActorBase):
             for record in READY.iter_unpack(pending[:whole]):
                 if record[0] == REQUEST:  # to the inference task at once, even while a batch waits at the gate
                     inference.ask(requests, first, record[5], reply)
-                else:
+                elif not take_now(record):
                     ready.put_nowait(record)
             pending = pending[whole:]
 
@@ -217,19 +240,26 @@ class ProcessActor(ActorBase):
         ctl[ZERO_NONFINITE] = self.nonfinite == "zero"
         self._started = True
         self._send(struct.pack("<i", START) + (self._rng.tobytes() if self._rng_set else b""))
-        loop.add_reader(fd, on_readable)
         timer, v = self.recorder.timer, self._views
+        loop.add_reader(fd, on_readable)
         try:
             while True:
                 record = await ready.get()
+                if record is _ENDED:
+                    return
+                if isinstance(record, BaseException):
+                    raise record
                 if record is None:
                     if limiter.stopped:  # the run is ending: what the worker did no longer matters
                         return
                     self._process.join(timeout=1)
                     raise ActorDied(f"actor {self.index} (pid {self._process.pid}) died "
                                     f"with exit code {self._process.exitcode}")
+                busy = True
                 await self._take(record, limiter, ctl, timer, v)
+                busy = False
                 if on_steps():
+                    ended = True
                     return
         except LimiterStopped:
             return
@@ -246,6 +276,11 @@ class ProcessActor(ActorBase):
         t0 = time.perf_counter()
         if written:
             await limiter.await_insert(written)
+        self._ingest(record, ctl, timer, v, time.perf_counter() - t0)
+
+    def _ingest(self, record: tuple, ctl: np.ndarray, timer, v, insert_wait: float) -> None:
+        """A batch through the gate: publish what it wrote, count it, give its slot back."""
+        slot, version, env_wait, inference, slot_wait, written, steps, ended, zeroed, full = record
         t1 = time.perf_counter()
         if written:
             self._writer.publish(slot, written)
@@ -262,7 +297,7 @@ class ProcessActor(ActorBase):
         ctl[ENV_STEPS] = self.recorder.env_steps
         if full:  # it waits for a slot: this one
             self._send(struct.pack("<i", WAKE))
-        timer.add("insert_wait", t1 - t0)
+        timer.add("insert_wait", insert_wait)
         timer.add("insert", time.perf_counter() - t1)
         timer.add("actor_env_wait", env_wait)
         timer.add("actor_inference", inference)
