@@ -107,3 +107,14 @@ class CompiledStep:
         if first and (seconds := time.perf_counter() - t0) > 1.0:
             log.info("compiled the %s update in %.1f s", self.what, seconds)
         return result
+
+
+def adam_(params: list[torch.Tensor], grads: list[torch.Tensor],
+          state: tuple[list[torch.Tensor], ...], lr: float | torch.Tensor, eps: float = 1e-8) -> None:
+    """torch's own Adam step (default betas, no weight decay) on ``params`` in place, without
+    clipping: for an optimiser (or a parameter group) whose eager update clips nothing."""
+    exp_avgs, exp_avg_sqs, steps = state
+    adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, capturable=True, foreach=False,
+         differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+         decoupled_weight_decay=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=lr,
+         weight_decay=0.0, eps=eps, maximize=False)

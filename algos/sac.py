@@ -4,20 +4,24 @@ with Polyak-averaged targets, and uniform random actions for a warm-up.
 
 One update computes the critic, policy and temperature losses from the same parameters and
 applies them in one optimizer step (as Acme's SAC learner does); the policy loss reads the critics
-through detached weights, so it trains the policy alone."""
+through detached weights, so it trains the policy alone. With ``compile`` the same update is one
+function of tensors (algos/functional.py), compiled."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
+from torch.func import functional_call, grad
 
-from algos.continuous import ContinuousActorCritic, ContinuousConfig, both, pendulum_preset
+from algos.continuous import (ContinuousActorCritic, ContinuousConfig, both, critic_template,
+                              pendulum_preset, rng_neutral_template, squared_td_loss, views)
+from algos.functional import CompiledStep, adam_, adam_state
 from algos.nets import TwinCritic, action_bounds, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
@@ -65,13 +69,87 @@ class SquashedGaussianPolicy(nn.Module):
         mean, log_std = self(obs)
         if noise is None:
             noise = torch.randn_like(mean)
-        pre_squash = mean + log_std.exp() * noise
-        gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
-        # Change of variables: log|d action / d pre_squash| = log(scale) + log(1 - tanh(u)^2),
-        # the latter written in a form that stays finite for large |u|.
-        log_det = torch.log(self.scale) + 2 * (math.log(2) - pre_squash - F.softplus(-2 * pre_squash))
-        action = torch.tanh(pre_squash) * self.scale + self.centre
-        return action, (gaussian - log_det).sum(-1)
+        return squashed_sample(mean, log_std, noise, self.scale, self.centre)
+
+
+def squashed_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor,
+                    scale: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The action within bounds at the standard-normal draw ``noise``, and its log-density."""
+    pre_squash = mean + log_std.exp() * noise
+    gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    # Change of variables: log|d action / d pre_squash| = log(scale) + log(1 - tanh(u)^2),
+    # the latter written in a form that stays finite for large |u|.
+    log_det = torch.log(scale) + 2 * (math.log(2) - pre_squash - F.softplus(-2 * pre_squash))
+    action = torch.tanh(pre_squash) * scale + centre
+    return action, (gaussian - log_det).sum(-1)
+
+
+def temperature_loss_of(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float
+                        ) -> torch.Tensor:
+    """The temperature's loss at (detached) log-probs: it rises while the entropy is too low."""
+    return -(log_alpha * (log_prob + target_entropy)).mean()
+
+
+def target_entropy_of(spec: EnvSpec, config: SACConfig) -> float:
+    return -float(np.prod(spec.action_shape)) if config.target_entropy is None else config.target_entropy
+
+
+def _functional_update(spec: EnvSpec, config: SACConfig) -> Callable:
+    """SAC's whole update as one function of tensors (see algos/functional.py): the critic target,
+    the three losses' gradients through torch.func (the same detaches as the eager update), Adam
+    per parameter group without clipping (the eager update clips nothing) and, with a target
+    update every update, the Polyak step. The policy noise comes in: drawn as the eager update
+    draws it, so a seed repeats either way."""
+    actor = rng_neutral_template(("sac-actor", spec.obs_shape, spec.action_shape, tuple(config.hidden)),
+                                 lambda: SquashedGaussianPolicy(spec, config.hidden))
+    critic = critic_template(spec, config.hidden)
+    actor_names = [name for name, _ in actor.named_parameters()]
+    critic_names = [name for name, _ in critic.named_parameters()]
+    autotune, target_entropy = config.autotune_alpha, target_entropy_of(spec, config)
+    actor_lr, critic_lr, alpha_lr, tau = config.actor_lr, config.critic_lr, config.alpha_lr, config.tau
+    polyak = config.target_update_period == 1  # else the caller's, eagerly, every period
+
+    def update(actor_ps: list[torch.Tensor], critic_ps: list[torch.Tensor],
+               target_ps: list[torch.Tensor], log_alpha: torch.Tensor, scale: torch.Tensor,
+               centre: torch.Tensor, batch: TransitionBatch, next_noise: torch.Tensor,
+               noise: torch.Tensor, state: tuple[tuple[list[torch.Tensor], ...], ...]):
+        def policy(ps: list[torch.Tensor], obs: torch.Tensor, draw: torch.Tensor):
+            mean, log_std = functional_call(actor, dict(zip(actor_names, ps)), (obs,))
+            return squashed_sample(mean, log_std, draw, scale, centre)
+
+        def q_of(ps: list[torch.Tensor], obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+            return functional_call(critic, dict(zip(critic_names, ps)), (obs, action))
+
+        alpha = log_alpha.exp()  # the temperature before the step
+        next_action, next_log_prob = policy(actor_ps, batch.next_obs, next_noise)
+        next_q = q_of(target_ps, batch.next_obs, next_action).min(dim=0).values
+        target = batch.rewards + batch.discounts * (next_q - alpha * next_log_prob)
+
+        def losses(a_ps: list[torch.Tensor], c_ps: list[torch.Tensor], *trained_log_alpha: torch.Tensor):
+            q = q_of(c_ps, batch.obs, batch.actions)
+            critic_loss, td_error = squared_td_loss(q, target, batch.weights)
+            action, log_prob = policy(a_ps, batch.obs, noise)
+            q_policy = q_of(critic_ps, batch.obs, action).min(dim=0).values  # untraced: frozen
+            actor_loss = (alpha * log_prob - q_policy).mean()
+            total = critic_loss + actor_loss
+            if trained_log_alpha:
+                total = total + temperature_loss_of(trained_log_alpha[0], log_prob.detach(), target_entropy)
+            metrics = {"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha": alpha,
+                       "entropy": -log_prob.mean(), "q_values": q.mean()}
+            return total, (metrics, td_error.abs().mean(dim=0))
+
+        trained = (actor_ps, critic_ps, log_alpha) if autotune else (actor_ps, critic_ps)
+        grads, (metrics, priorities) = grad(losses, argnums=tuple(range(len(trained))),
+                                            has_aux=True)(*trained)
+        adam_(actor_ps, grads[0], state[0], actor_lr)
+        adam_(critic_ps, grads[1], state[1], critic_lr)
+        if autotune:
+            adam_([log_alpha], [grads[2]], state[2], alpha_lr)
+        if polyak:
+            torch._foreach_lerp_(target_ps, critic_ps, tau)
+        return metrics, priorities
+
+    return update
 
 
 # --- the algorithm ----------------------------------------------------------------------------
@@ -90,9 +168,7 @@ class SAC(ContinuousActorCritic):
         self.target_critic.requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(config.init_alpha), device=device,
                                       requires_grad=config.autotune_alpha)
-        action_dim = int(np.prod(spec.action_shape))
-        self.target_entropy = (-float(action_dim) if config.target_entropy is None
-                               else config.target_entropy)
+        self.target_entropy = target_entropy_of(spec, config)
         groups = [{"params": list(self.actor.parameters()), "lr": config.actor_lr},
                   {"params": list(self.critic.parameters()), "lr": config.critic_lr}]
         if config.autotune_alpha:
@@ -102,6 +178,29 @@ class SAC(ContinuousActorCritic):
         self._targets = list(self.target_critic.parameters())
         self._onlines = list(self.critic.parameters())
         self.updates = 0
+        self._compiled = None
+        if config.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """The compiled update (algos/functional.py): the forward passes, the losses, their
+        gradients, Adam on the optimizer's own state and the Polyak step in one graph."""
+        overridden = [name for name in ("critic_target", "critic_loss", "policy_loss", "temperature_loss")
+                      if getattr(type(self), name) is not getattr(SAC, name)]
+        if overridden:
+            raise ValueError(f"algo.compile compiles SAC's own losses, and {type(self).__name__} "
+                             f"changes {', '.join(overridden)}: set algo.compile = false")
+        self._compiled = CompiledStep(_functional_update(self.spec, self.config), "SAC")
+        self._actor_views, self._critic_views = views(self.actor), views(self.critic)
+        self._target_views = views(self.target_critic)
+        self._log_alpha_view = self.log_alpha.detach()
+        self._init_adam_state()
+
+    def _init_adam_state(self) -> None:
+        groups = [list(self.actor.parameters()), list(self.critic.parameters())]
+        if self.config.autotune_alpha:
+            groups.append([self.log_alpha])
+        self._adam_state = tuple(adam_state(self.optimizer, params) for params in groups)
 
     def make_acting_network(self) -> nn.Module:
         return SquashedGaussianPolicy(self.spec, self.config.hidden)
@@ -147,7 +246,7 @@ class SAC(ContinuousActorCritic):
     def temperature_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
         if not self.config.autotune_alpha:
             return torch.zeros((), device=self.device)
-        return -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        return temperature_loss_of(self.log_alpha, log_prob.detach(), self.target_entropy)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
         """The critic, policy and temperature gradients, then one optimizer step. The losses
@@ -158,6 +257,16 @@ class SAC(ContinuousActorCritic):
         shape = (len(batch.obs), *self.spec.action_shape)
         next_noise = torch.randn(shape, device=self.device)
         noise = torch.randn(shape, device=self.device)
+        stepped = None if self._compiled is None else self._compiled(
+            self._actor_views, self._critic_views, self._target_views, self._log_alpha_view,
+            self.actor.scale, self.actor.centre, batch, next_noise, noise, self._adam_state)
+        if stepped is not None:
+            metrics, priorities = stepped
+            self.updates += 1
+            if self.config.target_update_period > 1 and self.updates % self.config.target_update_period == 0:
+                with torch.no_grad():  # else the compiled update did it
+                    torch._foreach_lerp_(self._targets, self._onlines, self.config.tau)
+            return metrics, priorities
         alpha = self.alpha  # the temperature the losses use, before the step moves it
         self.optimizer.zero_grad(set_to_none=True)
         out: dict[str, torch.Tensor] = {}
@@ -198,5 +307,7 @@ class SAC(ContinuousActorCritic):
         self.target_critic.load_state_dict(state["target_critic"])
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # new state tensors: list them again
         self.updates = int(state["updates"])
+        if self._compiled is not None:
+            self._init_adam_state()

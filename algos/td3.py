@@ -5,18 +5,23 @@ noise on the target action), and a delayed policy: the policy and both targets m
 
 On a policy update the critic and policy losses are taken from the same parameters and applied in
 one optimizer step; the policy loss reads the critic through detached weights, so it trains the
-policy alone. Between policy updates the policy has no gradient and Adam leaves it untouched."""
+policy alone. Between policy updates the policy has no gradient and Adam leaves it untouched.
+With ``compile`` the same update is one function of tensors (algos/functional.py), compiled: one
+graph for the critic's steps, one for the policy's."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
+from torch.func import functional_call, grad
 
-from algos.continuous import ContinuousActorCritic, ContinuousConfig, both, pendulum_preset
+from algos.continuous import (ContinuousActorCritic, ContinuousConfig, both, critic_template,
+                              pendulum_preset, rng_neutral_template, squared_td_loss, views)
+from algos.functional import CompiledStep, adam_, adam_state
 from algos.nets import TwinCritic, action_bounds, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 
@@ -51,6 +56,66 @@ class DeterministicPolicy(nn.Module):
         return torch.tanh(self.head(self.torso(obs.float().flatten(1)))) * self.scale + self.centre
 
 
+def smoothed(action: torch.Tensor, draw: torch.Tensor, scale: torch.Tensor, centre: torch.Tensor,
+             std: float, clip: float) -> torch.Tensor:
+    """``action`` plus the standard-normal ``draw`` times ``std``, clipped to +- ``clip`` (both
+    fractions of the half-range ``scale``), within the bounds."""
+    noise = (draw * std).clamp(-clip, clip)
+    low, high = centre - scale, centre + scale
+    return torch.max(torch.min(action + noise * scale, high), low)
+
+
+def _functional_update(spec: EnvSpec, config: TD3Config) -> Callable:
+    """TD3's whole update as one function of tensors (see algos/functional.py): the critic target,
+    the critic's gradient through torch.func and, when ``policy_step`` (a Python bool: one graph
+    each way), the policy's from the same critic (read untraced, so frozen), then Adam per group
+    without clipping (the eager update clips nothing) and the Polyak step of both targets. The
+    smoothing noise comes in: drawn as the eager update draws it, so a seed repeats either way."""
+    actor = rng_neutral_template(("td3-actor", spec.obs_shape, spec.action_shape, tuple(config.hidden)),
+                                 lambda: DeterministicPolicy(spec, config.hidden))
+    critic = critic_template(spec, config.hidden)
+    actor_names = [name for name, _ in actor.named_parameters()]
+    critic_names = [name for name, _ in critic.named_parameters()]
+    std, clip, tau = config.target_noise, config.target_noise_clip, config.tau
+    actor_lr, critic_lr = config.actor_lr, config.critic_lr
+
+    def update(policy_step: bool, actor_ps: list[torch.Tensor], critic_ps: list[torch.Tensor],
+               target_actor_ps: list[torch.Tensor], target_critic_ps: list[torch.Tensor],
+               scale: torch.Tensor, centre: torch.Tensor, batch: TransitionBatch, draw: torch.Tensor,
+               state: tuple[tuple[list[torch.Tensor], ...], ...]):
+        def policy(ps: list[torch.Tensor], obs: torch.Tensor) -> torch.Tensor:
+            bound = {**dict(zip(actor_names, ps)), "scale": scale, "centre": centre}
+            return functional_call(actor, bound, (obs,))
+
+        def q_of(ps: list[torch.Tensor], obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+            return functional_call(critic, dict(zip(critic_names, ps)), (obs, action))
+
+        next_action = smoothed(policy(target_actor_ps, batch.next_obs), draw, scale, centre, std, clip)
+        next_q = q_of(target_critic_ps, batch.next_obs, next_action)
+        target = batch.rewards + batch.discounts * next_q.min(dim=0).values
+
+        def critic_loss(ps: list[torch.Tensor]):
+            q = q_of(ps, batch.obs, batch.actions)
+            loss, td_error = squared_td_loss(q, target, batch.weights)
+            return loss, (loss, q.mean(), td_error.abs().mean(dim=0))
+
+        def policy_loss(ps: list[torch.Tensor]):
+            loss = -q_of(critic_ps, batch.obs, policy(ps, batch.obs))[0].mean()  # untraced: frozen
+            return loss, loss
+
+        critic_grads, (loss, q_mean, priorities) = grad(critic_loss, has_aux=True)(critic_ps)
+        actor_loss = None
+        if policy_step:  # from the critic before its step, as in the eager update
+            actor_grads, actor_loss = grad(policy_loss, has_aux=True)(actor_ps)
+            adam_(actor_ps, actor_grads, state[0], actor_lr)
+        adam_(critic_ps, critic_grads, state[1], critic_lr)
+        if policy_step:
+            torch._foreach_lerp_([*target_actor_ps, *target_critic_ps], [*actor_ps, *critic_ps], tau)
+        return loss, actor_loss, q_mean, priorities
+
+    return update
+
+
 # --- the algorithm ----------------------------------------------------------------------------
 
 
@@ -75,6 +140,26 @@ class TD3(ContinuousActorCritic):
         self._onlines = [*self.actor.parameters(), *self.critic.parameters()]
         self.updates = 0
         self._actor_loss = torch.zeros((), device=device)  # the last one, logged between policy steps
+        # Compiled (algos/functional.py): the forward passes, the losses, their gradients, Adam
+        # on the optimizer's own state and the Polyak step in one graph per kind of step.
+        self._compiled = CompiledStep(_functional_update(spec, config), "TD3") if config.compile else None
+        if config.compile:
+            self._views = [views(m) for m in (self.actor, self.critic, self.target_actor, self.target_critic)]
+            self._init_adam_state()
+        self._both_compiled = False  # the other kind of step's graph, compiled at the first one's
+
+    @classmethod
+    def _copies(cls, tensors: Any) -> Any:
+        """Clones, in the same nesting, to compile the other kind of step on at the first update:
+        its side effects land on them; its compiling stalls no later update, and its failure
+        falls back to eager at once."""
+        if isinstance(tensors, torch.Tensor):
+            return tensors.clone()
+        return type(tensors)(cls._copies(t) for t in tensors)
+
+    def _init_adam_state(self) -> None:
+        self._adam_state = tuple(adam_state(self.optimizer, list(m.parameters()))
+                                 for m in (self.actor, self.critic))
 
     def make_acting_network(self) -> nn.Module:
         return DeterministicPolicy(self.spec, self.config.hidden)
@@ -92,18 +177,19 @@ class TD3(ContinuousActorCritic):
             actions = actions + noise * self.config.exploration_noise * half_range
         return self.within_bounds(actions)
 
-    def smoothed_target_action(self, next_obs: torch.Tensor) -> torch.Tensor:
-        """The target policy's action plus clipped Gaussian noise, within the bounds."""
-        c, scale = self.config, self.target_actor.scale
+    def smoothed_target_action(self, next_obs: torch.Tensor, draw: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+        """The target policy's action plus clipped Gaussian noise, within the bounds (``draw``: the
+        noise's standard-normal draw, else a new one)."""
+        c = self.config
         action = self.target_actor(next_obs)
-        noise = (torch.randn_like(action) * c.target_noise).clamp(-c.target_noise_clip, c.target_noise_clip)
-        low, high = self.target_actor.centre - scale, self.target_actor.centre + scale
-        return torch.max(torch.min(action + noise * scale, high), low)
+        return smoothed(action, torch.randn_like(action) if draw is None else draw, self.target_actor.scale,
+                        self.target_actor.centre, c.target_noise, c.target_noise_clip)
 
     @torch.no_grad()
-    def critic_target(self, batch: TransitionBatch) -> torch.Tensor:
+    def critic_target(self, batch: TransitionBatch, draw: torch.Tensor | None = None) -> torch.Tensor:
         """r + discount * min of the target critics at the smoothed target action."""
-        next_q = self.target_critic(batch.next_obs, self.smoothed_target_action(batch.next_obs))
+        next_q = self.target_critic(batch.next_obs, self.smoothed_target_action(batch.next_obs, draw))
         return batch.rewards + batch.discounts * next_q.min(dim=0).values
 
     def policy_loss(self, obs: torch.Tensor) -> torch.Tensor:
@@ -111,9 +197,10 @@ class TD3(ContinuousActorCritic):
         through detached weights: the policy loss trains the policy alone."""
         return -self.critic(obs, self.actor(obs), frozen=True)[0].mean()
 
-    def critic_loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def critic_loss(self, batch: TransitionBatch, draw: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the twin critics' squared TD loss, their values, the TD errors), both ``(2, batch)``."""
-        return self.td_loss(self.critic_target(batch), batch)
+        return self.td_loss(self.critic_target(batch, draw), batch)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
         """The critic gradient every update, the policy's every ``policy_delay``, then one
@@ -122,11 +209,26 @@ class TD3(ContinuousActorCritic):
         may run on two threads with the same results (only the critic's half draws noise)."""
         self.updates += 1
         policy_step = self.updates % self.config.policy_delay == 0
+        draw = None  # the smoothing noise's standard-normal draw: the eager critic half's own
+        if self._compiled is not None:
+            draw = torch.randn((len(batch.obs), int(np.prod(self.spec.action_shape))), device=self.device)
+            if not self._both_compiled and self.config.policy_delay > 1:
+                self._both_compiled = True
+                self._compiled(not policy_step, *self._copies(self._views), self.actor.scale,
+                               self.actor.centre, batch, draw, self._copies(self._adam_state))
+            stepped = self._compiled(policy_step, *self._views, self.actor.scale, self.actor.centre,
+                                     batch, draw, self._adam_state)
+            if stepped is not None:
+                critic_loss, actor_loss, q_mean, priorities = stepped
+                if actor_loss is not None:
+                    self._actor_loss = actor_loss
+                metrics = {"critic_loss": critic_loss, "actor_loss": self._actor_loss, "q_values": q_mean}
+                return metrics, priorities
         self.optimizer.zero_grad(set_to_none=True)  # the policy's gradients stay None between its steps
         out: dict[str, torch.Tensor] = {}
 
         def critic_half() -> None:
-            out["critic_loss"], out["q"], out["td_error"] = self.critic_loss(batch)
+            out["critic_loss"], out["q"], out["td_error"] = self.critic_loss(batch, draw)
             out["critic_loss"].backward()
 
         def policy_half() -> None:
@@ -159,5 +261,7 @@ class TD3(ContinuousActorCritic):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("actor", "target_actor", "critic", "target_critic"):
             getattr(self, name).load_state_dict(state[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # new state tensors: list them again
         self.updates = int(state["updates"])
+        if self._compiled is not None:
+            self._init_adam_state()
