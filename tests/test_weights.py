@@ -115,11 +115,17 @@ def test_no_torn_read_across_a_spawned_process():
         # writer does not slow its start.
         assert results.get(timeout=30) == ("ready",)
         source = torch.empty(NUM_PARAMS)
-        deadline = time.monotonic() + 10
+        # Past the child's read budget (5 s) plus one read's timeout (10 s): a starved reader
+        # then reports its PublishTimeout instead of going silent.
+        deadline = time.monotonic() + 20
         result = None
         while result is None and time.monotonic() < deadline:
             source.fill_(store.version + 1)
             store.publish(source)
+            # A learner updates between publishes. Back-to-back publishes leave a reader only
+            # the gap of one fill_ to copy 8 MB in: a reader descheduled mid-copy on a busy
+            # 2-core box retried for the whole 10 s and the test timed out (seen once in CI).
+            time.sleep(0.001)
             try:
                 result = results.get_nowait()
             except queue.Empty:
