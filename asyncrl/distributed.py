@@ -2,11 +2,11 @@
 global batch, the gradients averaged, so that every rank steps exactly as one learner that
 updated on the whole batch would (to float rounding).
 
-The core only: how a learner process joins and leaves a ``torch.distributed`` group
-(:func:`join_group`, :func:`leave_group`), how a global batch is cut into shards (:func:`shard`),
-and :class:`DataParallel`, which averages an algorithm's gradients without the algorithm knowing
-(``algos/`` stays free of distribution code). The engine's part (processes, draws, publishing,
-checkpoints) is :mod:`asyncrl.learner_group`; how it plugs in is at the end of this note.
+The core only: how a global batch is cut into shards (:func:`shard`), and :class:`DataParallel`,
+which averages an algorithm's gradients without the algorithm knowing (``algos/`` stays free of
+distribution code), in a group the learner processes have joined
+(:func:`asyncrl.learner_worker.join_group`). The engine's part (processes, draws, publishing,
+checkpoints) is :mod:`asyncrl.learner_group`, whose note says how it plugs in.
 
 How gradients are averaged
 --------------------------
@@ -75,37 +75,15 @@ rank's ``max`` is all-reduced. Not exact: PPO-style per-minibatch advantage norm
 statistics (BatchNorm). Randomness inside an update (SAC's policy noise) is per rank: seed each
 rank differently (``seed + rank``), or shards draw the same noise rows; parameters never depend
 on the seed, as :class:`DataParallel` broadcasts rank 0's state at the start.
-
-How the engine takes it up (:mod:`asyncrl.learner_group`, as built)
--------------------------------------------------------------------
-- ``learner.num_learners = N > 1``: the wiring refuses, in one line, what cannot run
-  (:func:`check_data_parallel`, on-policy data, fewer GPUs than N on CUDA). The N learner
-  processes start from the process actors' fork server at the first chunk; each
-  :func:`join_group` (gloo on the CPU, NCCL with one GPU per rank, :func:`learner_device`),
-  builds the algorithm, loads the loop's state (after any resume: optimiser included, so any N
-  resumes any N), wraps it in :class:`DataParallel` and loops.
-- Drawing stays with the loop: it awaits the limiter once per update of the global batch, draws
-  each global batch once (weights normalised over it) and copies a chunk's batches into
-  shared-memory slabs; a small message per rank says "update on the first k"; each rank cuts its
-  rows (:func:`shard`) and writes its shard's priorities into a shared slab (no collective).
-- Rank 0 alone publishes weights and answers with the chunk's metrics, averaged over the ranks
-  in one all-reduce per chunk (:func:`average_metrics`) that also carries the non-finite
-  guard's verdict, so every rank rolls back alike.
-- Checkpoints: the loop asks rank 0 for its state and writes it, once.
-- A learner process that dies: its pipe closes and its peers' next collective fails at once
-  (gloo: connection closed; NCCL: the group's timeout); the loop ends the run with one line
-  naming the rank and how it ended. Stop and Ctrl-C stop every learner (asked, then killed).
 """
 
 from __future__ import annotations
 
-import datetime
-import socket
 import threading
 import time
 import zlib
 from dataclasses import fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,47 +101,6 @@ _CHECK_EVERY = 64
 # Per batch type: the axis of its rows, and the fields with rows first whatever that axis is.
 _ROW_AXIS: dict[type, int] = {TransitionBatch: 0, TrajectoryBatch: 1, SequenceBatch: 1}
 _ROWS_FIRST = {"weight_version", "state", "weights"}
-
-
-# --- the group --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for the group's rendezvous. Another process could take
-    it before rank 0 listens on it; a learner group starts once per run, so that race is
-    accepted (a clash fails the join with "address already in use", never a wrong group)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def learner_device(rank: int, device_type: str) -> torch.device:
-    """One GPU per rank on CUDA (rank modulo the GPUs seen), else the CPU."""
-    if device_type == "cuda":
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device(device_type)
-
-
-def join_group(rank: int, world_size: int, port: int, device: torch.device,
-               timeout_s: float = 60.0) -> None:
-    """Join the learners' group as ``rank`` of ``world_size`` (rendezvous on 127.0.0.1:``port``).
-    ``timeout_s`` bounds the rendezvous and, on gloo, every collective: a peer that hangs fails
-    the others' collectives within it (a peer that dies fails them at once)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def leave_group() -> None:
-    """Leave the group (a no-op outside one); call it in ``finally``."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --- what may run data-parallel ---------------------------------------------------------------
@@ -273,10 +210,10 @@ def shard(batch: Batch, rank: int, world_size: int) -> Batch:
 class DataParallel:
     """An algorithm whose every backward pass leaves the group's average gradient in ``.grad``.
 
-    Build it in each rank after :func:`join_group` and after loading any checkpoint: it checks
-    the algorithm (:func:`check_data_parallel`), broadcasts rank 0's weights to every rank and
-    hooks the optimizers' parameters. Then call :meth:`update` with this rank's shard, in the
-    one thread that updates. ``reduce_s`` adds up the time spent in the all-reduces (with
+    Build it in each rank after :func:`~asyncrl.learner_worker.join_group` and after loading any
+    checkpoint: it checks the algorithm (:func:`check_data_parallel`), broadcasts rank 0's
+    weights to every rank and hooks the optimizers' parameters. Then call :meth:`update` with
+    this rank's shard, in the one thread that updates. ``reduce_s`` adds up the time spent in the all-reduces (with
     flattening and copying back; on CUDA the launch only, unless synchronised). ``close()``
     removes the hooks: the algorithm is then a plain single learner again."""
 
@@ -404,34 +341,3 @@ def gather_rows(rows: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, rows.contiguous(), group=group)
     return torch.cat(parts)
-
-
-def run_group(fn: Callable[..., None], world_size: int, args: tuple = (), timeout_s: float = 60.0
-              ) -> None:
-    """``fn(rank, world_size, port, *args)`` in ``world_size`` processes, joined within
-    ``timeout_s`` (then every one is killed and TimeoutError raised): for tests and benchmarks;
-    the engine starts and watches its learner processes itself. They start from the process
-    actors' fork server (torch imported once: milliseconds a process, not seconds). An error in
-    a rank is raised here (torch's ProcessRaisedException, naming the rank), the others ended."""
-    import torch.multiprocessing as mp
-
-    from asyncrl.process_actor import start_fork_server
-
-    start_fork_server()
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    context = mp.start_processes(_rank_main, args=(world_size, free_port(), fn, args),
-                                 nprocs=world_size, join=False, start_method=method)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=max(0.0, min(0.5, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{world_size} ranks did not finish within {timeout_s:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple) -> None:
-    fn(rank, world_size, port, *args)

@@ -1,12 +1,31 @@
 """Data-parallel learners in a run (``learner.num_learners = N > 1``): a learner placement, not a
 second engine. The loop keeps the store, the gate and the draw (:class:`~asyncrl.learner.Learner`'s
 own loop, unchanged); :class:`LearnerGroup` changes only where a chunk of updates runs: in N
-learner processes of one ``torch.distributed`` group, each on its shard of every global batch,
-gradients averaged by :class:`~asyncrl.distributed.DataParallel`. How the parts fit (slabs,
-publishing, priorities, checkpoints, failures) is the end of :mod:`asyncrl.distributed`'s note.
+learner processes of one ``torch.distributed`` group (their side: :mod:`asyncrl.learner_worker`),
+each on its shard of every global batch, gradients averaged by
+:class:`~asyncrl.distributed.DataParallel` (whose note says why that is exact).
 
-Learner processes ignore SIGINT and SIGTERM (the loop's to handle) and end when told, when the
-loop's process is gone (their pipe closes) or when a collective fails (a peer died).
+How the parts fit
+-----------------
+- ``learner.num_learners = N > 1``: the wiring refuses, in one line, what cannot run
+  (:func:`~asyncrl.distributed.check_data_parallel`, on-policy data, fewer GPUs than N on CUDA).
+  The N learner processes start from the process actors' fork server at the first chunk; each
+  joins the group (:func:`~asyncrl.learner_worker.join_group`: gloo on the CPU, NCCL with one GPU
+  per rank, :func:`~asyncrl.learner_worker.learner_device`), builds the algorithm, loads the
+  loop's state (after any resume: optimiser included, so any N resumes any N), wraps it in
+  :class:`~asyncrl.distributed.DataParallel` and loops.
+- Drawing stays with the loop: it awaits the limiter once per update of the global batch, draws
+  each global batch once (weights normalised over it) and copies a chunk's batches into
+  shared-memory slabs; a small message per rank says "update on the first k"; each rank cuts its
+  rows (:func:`~asyncrl.distributed.shard`) and writes its shard's priorities into a shared slab
+  (no collective).
+- Rank 0 alone publishes weights and answers with the chunk's metrics, averaged over the ranks
+  in one all-reduce per chunk (:func:`~asyncrl.distributed.average_metrics`) that also carries the
+  non-finite guard's verdict, so every rank rolls back alike.
+- Checkpoints: the loop asks rank 0 for its state and writes it, once.
+- A learner process that dies: its pipe closes and its peers' next collective fails at once
+  (gloo: connection closed; NCCL: the group's timeout); the loop ends the run with one line
+  naming the rank and how it ended. Stop and Ctrl-C stop every learner (asked, then killed).
 """
 
 from __future__ import annotations
@@ -16,8 +35,7 @@ import logging
 import signal
 import threading
 import time
-import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -25,22 +43,18 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from asyncrl.config import Config, validate
-from asyncrl.core import EnvSpec, SequenceBatch, TrajectoryBatch, TransitionBatch
-from asyncrl.distributed import (DataParallel, average_metrics, batch_rows, free_port, join_group,
-                                 learner_device, leave_group, shard)
-from asyncrl.faults import NonFiniteGuard, RunError
-from asyncrl.learner import Learner, denormals_flushed, pick_device
+from asyncrl.config import Config
+from asyncrl.core import EnvSpec
+from asyncrl.distributed import batch_rows
+from asyncrl.faults import RunError
+from asyncrl.learner import Learner
+from asyncrl.learner_worker import batch_leaves, free_port, learner_main
 from asyncrl.shm import shared_zeros
 
 log = logging.getLogger("asyncrl")
 
-# Bounds the group's rendezvous and, on gloo, each collective: a rank that hangs (not dies)
-# fails its peers within it, and they report.
-COLLECTIVE_TIMEOUT_S = 60.0
 # After the first sign of a failure: how long the other ranks may take to say theirs.
 _SETTLE_S = 2.0
-_BATCHES = {cls.__name__: cls for cls in (TransitionBatch, SequenceBatch, TrajectoryBatch)}
 
 
 @dataclass
@@ -111,7 +125,7 @@ class LearnerGroup(Learner):
     def _fill(self, batches: list[Any]) -> tuple | None:
         """Copy the batches into the slabs; the message handing new slabs over, when the
         batches did not fit the ones there were (the first chunk)."""
-        leaves = [_leaves(b) for b in batches]
+        leaves = [batch_leaves(b) for b in batches]
         fits = bool(self._slabs) and self._slabs.keys() == leaves[0].keys() and all(
             len(self._slabs[k]) >= len(batches) and
             self._slabs[k].shape[1:] == v.shape and self._slabs[k].dtype == v.dtype for k, v in leaves[0].items())
@@ -122,8 +136,8 @@ class LearnerGroup(Learner):
                            for k, v in leaves[0].items()}
             self._priorities = shared_zeros((cap, batch_rows(batches[0])), np.dtype(np.float32))
             fresh = ("slabs", type(batches[0]).__name__, self._slabs, self._priorities)
-        for i, batch_leaves in enumerate(leaves):
-            for k, v in batch_leaves.items():
+        for i, tensors in enumerate(leaves):
+            for k, v in tensors.items():
                 self._slabs[k][i].copy_(v)
         return fresh
 
@@ -154,7 +168,7 @@ class LearnerGroup(Learner):
         torch.save(self.algo.state_dict(), buffer)
         for rank in range(self.world_size):
             conn, child = ctx.Pipe()
-            process = ctx.Process(target=_learner_main, name=f"asyncrl-learner{rank}", daemon=True,
+            process = ctx.Process(target=learner_main, name=f"asyncrl-learner{rank}", daemon=True,
                                   args=(rank, self.world_size, port, config, self.spec, self.store, child))
             process.start()
             child.close()
@@ -247,116 +261,5 @@ class LearnerGroup(Learner):
             r.conn.close()
 
 
-def _leaves(batch: Any) -> dict[Any, torch.Tensor]:
-    """A batch's tensors by field (a dict field's by (field, key))."""
-    out: dict[Any, torch.Tensor] = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, dict):
-            out.update({(f.name, k): v for k, v in value.items()})
-        else:
-            out[f.name] = value
-    return out
-
-
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _rebuilt(cls: type, leaves: dict[Any, torch.Tensor]) -> Any:
-    """The batch of :func:`_leaves`' answer."""
-    kwargs: dict[str, Any] = {}
-    for key, value in leaves.items():
-        if isinstance(key, tuple):
-            kwargs.setdefault(key[0], {})[key[1]] = value
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if device.type == "cpu":
-        return batch
-    return _rebuilt(type(batch), {k: v.to(device) for k, v in _leaves(batch).items()})
-
-
-# --- a learner process ------------------------------------------------------------------------
-
-
-def _learner_main(rank: int, world_size: int, port: int, config_data: dict[str, Any], spec: EnvSpec,
-                  store: Any, conn: Connection) -> None:
-    """A learner process: join the group, build the algorithm, then update on each chunk the loop
-    hands over until told to stop (or the loop's process is gone: its pipe closes)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        _serve(rank, world_size, port, validate(config_data), spec, store, conn)
-    except (EOFError, BrokenPipeError):
-        pass  # the loop is gone
-    except BaseException as exc:  # noqa: BLE001 - reported to the loop, in one line
-        traceback.print_exc()
-        line = " ".join(str(exc).split()) or type(exc).__name__
-        try:
-            conn.send(("error", line if isinstance(exc, RunError) else f"{type(exc).__name__}: {line}",
-                       isinstance(exc, RunError)))
-        except OSError:
-            pass
-    finally:
-        leave_group()
-
-
-def _serve(rank: int, world_size: int, port: int, config: Config, spec: EnvSpec, store: Any,
-           conn: Connection) -> None:
-    from asyncrl.wiring import make_algo  # the wiring imports this module
-
-    lc = config.learner
-    torch.set_num_threads(lc.torch_threads)
-    device = learner_device(rank, pick_device(lc.device).type)
-    join_group(rank, world_size, port, device, timeout_s=COLLECTIVE_TIMEOUT_S)
-    algo = make_algo(config, spec, device)
-    _, state = conn.recv()
-    algo.load_state_dict(torch.load(io.BytesIO(state), map_location=device, weights_only=True))
-    torch.manual_seed(config.train.seed + 1 + rank)  # noise inside an update differs per rank
-    parallel = DataParallel(algo)
-    guard = NonFiniteGuard(lc.max_nonfinite_in_a_row)
-    conn.send(("ready",))
-    cls, slabs, priorities = None, {}, None
-    while True:
-        message = conn.recv()
-        kind = message[0]
-        if kind == "stop":
-            return
-        if kind == "slabs":
-            _, name, slabs, priorities = message
-            cls = _BATCHES[name]
-        elif kind == "state":
-            buffer = io.BytesIO()
-            torch.save(algo.state_dict(), buffer)
-            conn.send(("state", buffer.getvalue()))
-        elif kind == "chunk":
-            _, count, publish = message
-            guard.before_chunk(algo)
-            metrics, given, prios = [], [], []
-            with denormals_flushed(lc.flush_denormal):
-                for i in range(count):
-                    mine = shard(_rebuilt(cls, {k: slab[i] for k, slab in slabs.items()}), rank, world_size)
-                    row, prio = parallel.update(_to(mine, device))
-                    metrics.append(row)
-                    given.append(prio is not None)
-                    if prio is not None:
-                        prios.append((i, prio.detach().float()))
-            if prios:  # one copy to the host per chunk, not a device sync per update
-                size = len(prios[0][1])
-                host = torch.stack([p for _, p in prios]).cpu()
-                for (i, _), row in zip(prios, host):
-                    priorities[i, rank * size:(rank + 1) * size] = row
-            # The chunk's verdict rides in the one all-reduce of its metrics: all ranks alike.
-            last = {**metrics[-1], "_finite": float(NonFiniteGuard.finite(metrics))}
-            averaged = {k: float(v) for k, v in average_metrics(last).items()}
-            applied = guard.check(algo, metrics, finite=averaged.pop("_finite") == 1.0)
-            if rank == 0:
-                if publish or not applied:
-                    store.publish(algo.acting_network)
-                conn.send(("done", applied, given, averaged, guard.skipped_updates, parallel.reduce_s))
-            else:
-                conn.send(("done",))

@@ -22,7 +22,7 @@ from asyncrl.adders import NStepAdder
 from asyncrl.config import Config, ConfigError, require_memory
 from asyncrl.core import Algorithm, SequenceData, TransitionData, actor_state_spec
 from asyncrl.datasets import Episode, read_episodes
-from asyncrl.learner import ReplayDraw
+from asyncrl.draws import ReplayDraw
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.replay import Replay
 from asyncrl.sequence import SequenceAdder, SequenceReplay
@@ -200,7 +200,7 @@ def dataset_replay(s: Any, dataset_id: str, seed: int | list[int]) -> Replay | S
     """A replay holding every episode of a local Minari dataset (checked against the run's env),
     in the run's dtypes, n-step and discount (or sequence length and period, with zero actor
     states); prioritised as ``replay.prioritized`` says. It lives in this process only: an
-    offline run's learner and an online run's demonstrations (:class:`~asyncrl.learner.MixedDraw`)
+    offline run's learner and an online run's demonstrations (:class:`~asyncrl.draws.MixedDraw`)
     read it, and no actor writes it."""
     config, spec, data = s.config, s.spec, s.algo.data
     r = config.replay

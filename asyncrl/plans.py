@@ -7,7 +7,7 @@ dataset, :mod:`asyncrl.offline`) is one new plan here and nothing else.
 
 - :class:`TransitionPlan`: n-step transitions, uniform or prioritised (DQN, Rainbow, SAC, TD3);
   with ``replay.demonstrations``, a dataset's transitions mixed into each batch (a
-  :class:`~asyncrl.learner.MixedDraw` over the online replay's draw and the dataset's; sequences
+  :class:`~asyncrl.draws.MixedDraw` over the online replay's draw and the dataset's; sequences
   alike, R2D3's way).
 - :class:`SequencePlan`: fixed-length sequences with the actor's recurrent state (R2D2).
 - :class:`TrajectoryPlan`: whole trajectories through a FIFO queue, each used once (PPO, IMPALA).
@@ -29,7 +29,7 @@ from asyncrl.config import Config, ConfigError, require_memory
 from asyncrl.core import (Algorithm, EnvSpec, SequenceData, TrajectoryData, TransitionData,
                           actor_state_spec)
 from asyncrl.datasets import read_episodes  # Minari itself is imported when a dataset is read
-from asyncrl.learner import MixedDraw, QueueDraw, ReplayDraw
+from asyncrl.draws import MixedDraw, QueueDraw, ReplayDraw
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.replay import Replay

@@ -2,8 +2,9 @@
 its finished batches shipped back to the loop as Ray objects and ingested into the replay under
 the rate limiter, exactly as a process actor's slots are.
 
-The loop's side (:class:`RayActor`) keeps ``calls_in_flight`` calls queued on its remote actor;
-each call steps ``batches_per_call`` env batches and returns them as one object. The loop awaits
+The loop's side (:class:`RayActor`) keeps ``calls_in_flight`` calls queued on its remote actor
+(:class:`~asyncrl.ray_worker.RemoteActor`, the other side); each call steps ``batches_per_call``
+env batches and returns them as one object. The loop awaits
 the oldest call's object (ObjectRefs are awaitable: the loop never blocks), ingests its batches,
 then queues the next call, so a throttled learner throttles acting as the slots do for process
 actors.
@@ -18,7 +19,8 @@ loop counts the loss, forgets the partial episodes and n-step state of that acto
 queues calls on the restarted actor. Nothing else waits for it: the learner only waits on the
 rate limiter, which the other actors keep feeding. ``close`` kills the remote actor for good.
 
-Ray is imported only here, and this module only when ``actors.backend = "ray"``.
+Ray is imported only here (and inside the remote side's methods, in the Ray actor), and this
+module only when ``actors.backend = "ray"``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncrl.acting import Acted, PolicyStep, pack_rng_state, unpack_rng_state
+from asyncrl.acting import pack_rng_state, unpack_rng_state
 from asyncrl.actor import ActorBase
 from asyncrl.config import ConfigError, RayConfig
 from asyncrl.core import EnvSpec
@@ -41,6 +43,7 @@ from asyncrl.envs import Step
 from asyncrl.faults import RunError
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped, RateLimiter
+from asyncrl.ray_worker import RemoteActor
 from asyncrl.weights import WeightStore
 
 log = logging.getLogger("asyncrl")
@@ -61,96 +64,6 @@ def _last_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(cause).__name__
-
-
-def write_batch(views: dict[str, np.ndarray], slot: int, step: Step, acted: Acted) -> int:
-    """Write one batch into slot ``slot`` of ``views`` (the arrays a call returns, a slot per
-    leading index): what the env returned, the actions chosen with their extras and the
-    actor state each saw, then the batch's size, last. Returns the size. A remote actor
-    fills its answer with it."""
-    n = len(step.env_ids)
-    views["obs"][slot, :n] = step.obs
-    views["rewards"][slot, :n] = step.rewards
-    views["terminated"][slot, :n] = step.terminated
-    views["truncated"][slot, :n] = step.truncated
-    views["env_ids"][slot, :n] = step.env_ids
-    views["actions"][slot, :n] = acted.actions
-    for name, value in acted.extras.items():
-        views[f"extra_{name}"][slot, :n] = value
-    for name, value in acted.state.items():
-        views[f"state_{name}"][slot, :n] = value
-    views["sizes"][slot] = n
-    return n
-
-
-class RemoteActor:
-    """Runs inside a Ray actor: owns one env pool and a CPU copy of the acting network."""
-
-    def __init__(self, index: int, make_env_args: dict[str, Any], algo_name: str,
-                 algo_params: dict[str, Any], seed: int, batches_per_call: int,
-                 extras: dict[str, tuple[tuple[int, ...], np.dtype]] | None):
-        torch.set_num_threads(1)  # one thread is fastest for acting networks (BENCHMARKS.md)
-        from asyncrl import registry
-        from asyncrl.envs import make_env
-
-        self.env = make_env(**make_env_args)
-        spec = self.env.spec
-        cls = registry.get(algo_name)
-        self.algo = cls(spec, registry.algo_config(cls, algo_params), torch.device("cpu"))
-        self.policy = PolicyStep(self.algo, self.env.num_envs, np.random.default_rng([seed, index]))
-        k, b = batches_per_call, make_env_args.get("batch_size") or make_env_args["num_envs"]
-        # Reused across calls: Ray serialises a call's result before the next call runs.
-        self.out: dict[str, np.ndarray] = {
-            "obs": np.zeros((k, b, *spec.obs_shape), spec.obs_dtype),
-            "rewards": np.zeros((k, b), np.float32),
-            "terminated": np.zeros((k, b), bool),
-            "truncated": np.zeros((k, b), bool),
-            "env_ids": np.zeros((k, b), np.int64),
-            "actions": np.zeros((k, b, *spec.action_shape), spec.action_dtype),
-            "sizes": np.zeros(k, np.int64),
-            "versions": np.zeros(k, np.int64),
-            # seconds in env wait, in inference; weight objects fetched in this call
-            "timing": np.zeros(3, np.float64),
-            "rng": pack_rng_state(self.policy.rng_state()),  # the RNG after the call
-        }
-        for name, (shape, dtype) in (extras or {}).items():
-            self.out[f"extra_{name}"] = np.zeros((k, b, *shape), np.dtype(dtype))
-        self.env.async_reset()
-
-    def where(self) -> dict[str, Any]:
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-
-    def collect(self, version: int, weights: list, env_steps: int, pull: bool,
-                rng: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Step ``batches_per_call`` batches with the latest weights; ``weights`` holds the
-        version's object ref (in a list, so that Ray passes the ref and not the object).
-        ``rng``: a packed RNG state to act from (a resumed run's first call)."""
-        out, fetched, policy = self.out, 0, self.policy
-        if rng is not None:
-            policy.set_rng_state(unpack_rng_state(rng))
-        if pull and version > policy.version:
-            import ray
-
-            # The object store's copy is read-only: the network gets a copy of its own.
-            policy.load_flat(torch.tensor(ray.get(weights[0])), version)
-            fetched = 1
-        env_wait = inference = 0.0
-        for k in range(len(out["sizes"])):
-            t0 = time.perf_counter()
-            step = self.env.recv()
-            t1 = time.perf_counter()
-            acted = policy.act(step.obs, step.env_ids, env_steps, step.terminated, step.truncated)
-            self.env.send(acted.actions, step.env_ids)
-            t2 = time.perf_counter()
-            write_batch(out, k, step, acted)
-            out["versions"][k] = acted.weight_version
-            env_wait += t1 - t0
-            inference += t2 - t1
-        out["timing"][:] = (env_wait, inference, fetched)
-        out["rng"][:] = pack_rng_state(policy.rng_state())
-        return out
 
 
 class WeightBroadcast:

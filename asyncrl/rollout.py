@@ -4,7 +4,7 @@ actor that waits for fresh weights (PPO's policy lag 0).
 Data flow: actor -> :class:`TrajectoryAdder` (cuts length-T trajectories per env, with the
 behaviour policy's extras and weight version) -> :class:`RolloutQueue` (bounded FIFO; producers
 wait while it is full; each trajectory is taken exactly once) -> the learner (through
-:class:`asyncrl.learner.QueueDraw`: takes B trajectories, ``algo.update``, publishes) -> weight
+:class:`asyncrl.draws.QueueDraw`: takes B trajectories, ``algo.update``, publishes) -> weight
 store -> actors.
 
 The queue stands where the off-policy path has the replay *and* its rate limiter: it offers the

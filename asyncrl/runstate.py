@@ -3,7 +3,9 @@
 arrays and the limiter's counts); :func:`restore` puts a checkpoint into a freshly built run,
 raising when it does not fit, so that :func:`asyncrl.checkpoint.load_latest` passes it over;
 :class:`Checkpoints` writes a run's checkpoints as the trainer schedules them. The files
-themselves are :mod:`asyncrl.checkpoint`'s."""
+themselves are :mod:`asyncrl.checkpoint`'s. Around them, the run directory
+(:func:`open_run_dir`): the resolved config a resume reloads, and the metric rows, which a resumed
+run continues from its checkpoint's step."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import numpy as np
 import torch
 
 from asyncrl import checkpoint
+from asyncrl.config_base import ConfigError
 from asyncrl.faults import RunError
+from asyncrl.metrics import JsonlSink, Sink, TensorBoardSink, truncate_jsonl
 from asyncrl.policy import spec_to_dict
 from asyncrl.ratelimit import RateLimiter
 from asyncrl.wiring import Components
@@ -157,6 +161,36 @@ class Checkpoints:
             kept = checkpoint.checkpoints(self.directory)
             raise RunError(f"the final checkpoint could not be written ({self.error}); "
                            + (f"the newest on disk is {kept[0]}" if kept else "no checkpoint on disk"))
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A fresh run never mixes its checkpoints and metrics with an earlier run's."""
+    used = [name for name in ("metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
+    if used:
+        raise ConfigError(f"{run_dir} already holds a run ({' and '.join(used)}): continue it "
+                          f"with --resume {run_dir} (Trainer(..., resume=True)) or choose "
+                          "another run directory")
+
+
+def open_run_dir(run_dir: Path, c: Components, resumed: bool, sinks: list[Sink]) -> None:
+    """Make the run directory and write the resolved config into it (``config.json``, what a
+    resume reloads); the recorder's rows go to its ``metrics.jsonl`` (and ``tb/``), then to
+    ``sinks``. Called once ``c`` is built and, when ``resumed``, holds the checkpoint's counters:
+    the killed run's rows and checkpoints past them are dropped."""
+    recorder = c.recorder
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(c.config.to_dict(), indent=2))
+        if resumed:
+            # The killed run's rows and checkpoints past the one resumed from: its future, which
+            # this run replaces (env steps never go backwards in metrics.jsonl).
+            truncate_jsonl(run_dir / "metrics.jsonl", recorder.env_steps)
+            checkpoint.discard_after(run_dir / "checkpoints", recorder.env_steps)
+        recorder.sinks = [JsonlSink(run_dir / "metrics.jsonl"), *sinks]
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+    if c.config.train.tensorboard and TensorBoardSink.available():
+        recorder.sinks.append(TensorBoardSink(run_dir / "tb"))
 
 
 def to_cpu(state: Any) -> Any:

@@ -7,7 +7,6 @@ that awaits ``run()`` ends it too, with the same cleanup."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -17,14 +16,15 @@ from typing import Any, Callable
 import torch
 import torch._dynamo  # noqa: F401 (imported with this module, as EnvPool is below)
 
-from asyncrl import checkpoint, datasets, registry, runstate
+from asyncrl import datasets, registry, runstate
 from asyncrl.actor import Actor
 from asyncrl.config import Config, ConfigError
+from asyncrl.draws import QueueDraw
 from asyncrl.envs_envpool import envpool_module
 from asyncrl.evaluator import Evaluator
 from asyncrl.faults import RunError
-from asyncrl.learner import QueueDraw, device_line, pick_device, run_to_completion
-from asyncrl.metrics import JsonlSink, Recorder, Sink, TensorBoardSink, truncate_jsonl
+from asyncrl.learner import device_line, pick_device, run_to_completion
+from asyncrl.metrics import Recorder, Sink
 from asyncrl.policy import LivePolicy, Policy
 from asyncrl.stream import MetricStream
 from asyncrl.wiring import Components, build, default_run_dir
@@ -163,43 +163,21 @@ class Trainer:
 
     def _start(self, recorder: Recorder) -> None:
         """Build the run (on the I/O thread), restore a checkpoint when resuming, open the run
-        directory."""
+        directory (:func:`asyncrl.runstate.open_run_dir`)."""
         t = self.config.train
-        ckpt_dir = self.run_dir / "checkpoints"
         if not self.resume:
-            self._refuse_used_run_dir()
+            runstate.refuse_used_run_dir(self.run_dir)
         # Envs and networks first: a bad env id or config leaves no run directory behind.
         self.c = c = build(self.config, recorder, self._env_fn)
         self._evals = Evaluator(c, self._env_fn)
-        self._ckpts = runstate.Checkpoints(c, ckpt_dir)
+        self._ckpts = runstate.Checkpoints(c, self.run_dir / "checkpoints")
         if t.record_dataset is not None:  # before the run directory, and before minutes of training
             datasets.check_recordable(t.record_dataset, c.replay, str(self.run_dir.resolve()))
         restored = self._ckpts.resume() if self.resume else None
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            if restored:
-                # The killed run's rows and checkpoints past the one resumed from: its future, which
-                # this run replaces (env steps never go backwards in metrics.jsonl).
-                truncate_jsonl(self.run_dir / "metrics.jsonl", recorder.env_steps)
-                checkpoint.discard_after(ckpt_dir, recorder.env_steps)
-            recorder.sinks = [JsonlSink(self.run_dir / "metrics.jsonl"), *self._extra_sinks]
-        except OSError as exc:
-            raise ConfigError(f"cannot write the run directory {self.run_dir}: "
-                              f"{exc.strerror or exc}") from None
-        if t.tensorboard and TensorBoardSink.available():
-            recorder.sinks.append(TensorBoardSink(self.run_dir / "tb"))
+        runstate.open_run_dir(self.run_dir, c, bool(restored), self._extra_sinks)
         if restored:
             log.info("resumed from %s at %d env steps%s", restored[0], recorder.env_steps,
                      "" if self._ckpts.restored_replay else " (the checkpoint holds no replay: it fills anew)")
-
-    def _refuse_used_run_dir(self) -> None:
-        """A fresh run never mixes its checkpoints and metrics with an earlier run's."""
-        used = [name for name in ("metrics.jsonl", "checkpoints") if (self.run_dir / name).exists()]
-        if used:
-            raise ConfigError(f"{self.run_dir} already holds a run ({' and '.join(used)}): continue it "
-                              f"with --resume {self.run_dir} (Trainer(..., resume=True)) or choose "
-                              "another run directory")
 
     # --- the two modes -----------------------------------------------------------------------
 

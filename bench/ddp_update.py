@@ -26,7 +26,8 @@ import torch
 from algos.dqn import DQN, DQNConfig
 from algos.sac import SAC, SACConfig
 from asyncrl.core import EnvSpec, TransitionBatch
-from asyncrl.distributed import DataParallel, join_group, leave_group, run_group, shard
+from asyncrl.distributed import DataParallel, shard
+from asyncrl.learner_worker import join_group, leave_group, run_group
 
 CPU = torch.device("cpu")
 CARTPOLE = EnvSpec("CartPole-v1", (4,), np.dtype(np.float32), "discrete", 2, ())

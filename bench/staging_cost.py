@@ -1,8 +1,9 @@
 """Cost of ``Learner.sample`` on this box: the replay draw plus the move to the learner's device
 (on the CPU: no copy at all). Medians of repeats, so that a change to the staging path shows up
 as a change here and not as noise. ``--against`` another checkout's ``asyncrl/learner.py`` times
-its ``Learner.sample`` on the same replay, interleaved with this one's round by round, so that
-both see the same load on a shared box. ``--fixed-draw`` hands every ``sample`` the same drawn
+its ``Learner.sample`` (with the draw from ``asyncrl/draws.py`` beside it, where the draws live
+apart) on the same replay, interleaved with this one's round by round, so that both see the same
+load on a shared box. ``--fixed-draw`` hands every ``sample`` the same drawn
 arrays (the replay's draw is not timed): the move and the split into batches alone.
 
     .venv/bin/python bench/staging_cost.py [--repeats 15] [--draws 300] [--fixed-draw]
@@ -15,10 +16,12 @@ import argparse
 import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from asyncrl import draws
 from asyncrl.learner import Learner
 from asyncrl.metrics import Recorder
 from asyncrl.replay import Replay
@@ -41,20 +44,32 @@ def make_replay(obs_shape, obs_dtype) -> Replay:
     return replay
 
 
-def make_learner(cls, replay: Replay, device: str = "cpu") -> Learner:
+def make_learner(cls, draw_module: dict | None, replay: Replay, device: str = "cpu") -> Learner:
+    """``draw_module``: the globals holding ``ReplayDraw`` and ``Staging``; None for a checkout
+    from before the one learner loop over draws."""
     recorder = Recorder(1 << 30, [])
-    module = cls.__init__.__globals__
-    if "ReplayDraw" not in module:  # a checkout from before the one learner loop over draws
+    if draw_module is None:
         return cls(None, replay, None, None, recorder, torch.device(device), 32, 1, 8, lambda: 0.0)
-    draw = module["ReplayDraw"](replay, 32, lambda: 0.0, module["Staging"](torch.device(device)), recorder.timer)
+    draw = draw_module["ReplayDraw"](replay, 32, lambda: 0.0, draw_module["Staging"](torch.device(device)),
+                                     recorder.timer)
     return cls(None, None, draw, None, recorder, 32, 1, 8)
 
 
-def load_learner_class(path: str):
-    spec = importlib.util.spec_from_file_location("other_learner", path)
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.Learner
+    return module
+
+
+def load_learner_class(path: str) -> tuple[type, dict | None]:
+    """Another checkout's ``Learner`` and where its draws are: its learner.py (before they moved
+    out), the ``draws.py`` beside it, or nowhere (before the one learner loop over draws)."""
+    module = load_module("other_learner", Path(path))
+    if {"ReplayDraw", "Staging"} <= vars(module).keys():  # learner.py made the draws itself
+        return module.Learner, vars(module)
+    beside = Path(path).with_name("draws.py")
+    return module.Learner, vars(load_module("other_draws", beside)) if beside.exists() else None
 
 
 def time_draws(learner: Learner, count: int, draws: int) -> tuple[float, float]:
@@ -75,7 +90,7 @@ def main() -> None:
     parser.add_argument("--fixed-draw", action="store_true", help="time the move and split only")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    classes = {"this": Learner}
+    classes = {"this": (Learner, vars(draws))}
     if args.against:
         classes[args.against] = load_learner_class(args.against)
     for label, shape, dtype, count in CASES:
@@ -83,7 +98,7 @@ def main() -> None:
         if args.fixed_draw:
             drawn = replay.sample(32, 0.0, batches=count)
             replay.sample = lambda *_, **__: drawn
-        learners = {name: make_learner(cls, replay) for name, cls in classes.items()}
+        learners = {name: make_learner(cls, module, replay) for name, (cls, module) in classes.items()}
         for learner in learners.values():
             time_draws(learner, count, 20)  # warm
         results = {name: [] for name in learners}

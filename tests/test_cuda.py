@@ -19,7 +19,8 @@ from algos.dqn import DQN
 from asyncrl.actor import Actor
 import asyncrl.plans as plans_module
 from asyncrl.config import build_config
-from asyncrl.learner import Learner, QueueDraw, ReplayDraw
+from asyncrl.draws import QueueDraw, ReplayDraw
+from asyncrl.learner import Learner
 from asyncrl.metrics import Recorder
 from asyncrl.replay import Replay
 from asyncrl.rollout import RolloutQueue

@@ -65,7 +65,7 @@ def test_a_mixed_draw_of_several_batches_puts_each_part_in_every_batch_and_its_p
     drawn as its own draw would draw it, each part's priorities back to its own replay."""
     import torch
 
-    from asyncrl.learner import MixedDraw, ReplayDraw
+    from asyncrl.draws import MixedDraw, ReplayDraw
     from asyncrl.metrics import PhaseTimer
     from asyncrl.staging import Staging
 

@@ -1,7 +1,8 @@
-"""Data-parallel learners (asyncrl/distributed.py): two gloo ranks, each updating on its half of
-every global batch with averaged gradients, end where one learner that updated on the whole
-batches ends, for DQN and SAC; what cannot be made exact is refused in one line; a rank whose
-peer died fails its next update instead of hanging."""
+"""Data-parallel learners (asyncrl/distributed.py, in groups joined with
+asyncrl/learner_worker.py's join_group): two gloo ranks, each updating on its half of every
+global batch with averaged gradients, end where one learner that updated on the whole batches
+ends, for DQN and SAC; what cannot be made exact is refused in one line; a rank whose peer died
+fails its next update instead of hanging."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from algos.dqn import DQN, DQNConfig
 from algos.sac import SAC, SACConfig
 from asyncrl.config import ConfigError
 from asyncrl.core import EnvSpec, SequenceBatch, TrajectoryBatch, TransitionBatch
-from asyncrl.distributed import (DataParallel, average_metrics, check_data_parallel, gather_rows,
-                                 join_group, leave_group, run_group, shard)
+from asyncrl.distributed import DataParallel, average_metrics, check_data_parallel, gather_rows, shard
+from asyncrl.learner_worker import join_group, leave_group, run_group
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
