@@ -11,7 +11,7 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 
-from algos.functional import template
+from algos.functional import rng_neutral_template
 from algos.nets import TwinCritic, Widths
 from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, TransitionBatch, TransitionData
@@ -109,14 +109,6 @@ def squared_td_loss(q: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     errors ``target - q``), for values ``q`` of shape ``(2, batch)``."""
     td_error = target - q
     return (weights * td_error.pow(2)).mean(dim=1).sum(), td_error
-
-
-def rng_neutral_template(key: Any, build: Callable[[], nn.Module]) -> nn.Module:
-    """algos/functional.py's ``template``, built without drawing from torch's global generator
-    (initialising its layers would): the update's own draws come after it, and must not depend
-    on whether this process had built that template before."""
-    with torch.random.fork_rng(devices=[]):
-        return template(key, build)
 
 
 def critic_template(spec: EnvSpec, hidden: list[int]) -> nn.Module:

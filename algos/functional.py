@@ -40,6 +40,14 @@ def template(key: Hashable, build: Callable[[], nn.Module]) -> nn.Module:
     return _TEMPLATES[key]
 
 
+def rng_neutral_template(key: Any, build: Callable[[], nn.Module]) -> nn.Module:
+    """algos/functional.py's ``template``, built without drawing from torch's global generator
+    (initialising its layers would): the update's own draws come after it, and must not depend
+    on whether this process had built that template before."""
+    with torch.random.fork_rng(devices=[]):
+        return template(key, build)
+
+
 def adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """``(exp_avgs, exp_avg_sqs, steps)`` of ``params``, from the optimiser's own state (created

@@ -1,6 +1,6 @@
 """Network pieces shared by the algorithms: an MLP torso for vectors, the Nature CNN for frames,
-noisy linear layers, twin Q critics for continuous actions and the map from [-1, 1] to an action
-space's bounds."""
+noisy linear layers, an LSTM unrolled into cell steps (for torch.compile), twin Q critics for
+continuous actions and the map from [-1, 1] to an action space's bounds."""
 
 from __future__ import annotations
 
@@ -76,18 +76,58 @@ class NoisyLinear(nn.Module):
         self.weight_sigma = nn.Parameter(torch.full((out_features, in_features), sigma0 * bound))
         self.bias_sigma = nn.Parameter(torch.full((out_features,), sigma0 * bound))
 
-    def forward(self, x: torch.Tensor, noisy: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """``generator``: where the noise comes from (torch's global one when None)."""
+    def draw(self, generator: torch.Generator | None = None, like: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """One call's standard-normal draw (``in + out`` values, the dtype and device of ``like``,
+        else of the weights) from ``generator`` (torch's global one when None), as ``forward``
+        draws it."""
+        like = self.weight_mu if like is None else like
+        return torch.randn(self.in_features + self.out_features, dtype=like.dtype, device=like.device,
+                           generator=generator)
+
+    def forward(self, x: torch.Tensor, noisy: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``generator``: where the noise comes from (torch's global one when None). ``noise``:
+        a :meth:`draw` made beforehand, used instead of drawing (a compiled update's random
+        numbers would differ from eager ones, so it draws them eagerly and passes them in)."""
         if not noisy:
             return nn.functional.linear(x, self.weight_mu, self.bias_mu)
-        noise = torch.randn(self.in_features + self.out_features, dtype=x.dtype, device=x.device,
-                            generator=generator)
+        if noise is None:
+            noise = self.draw(generator, x)
         noise = noise.sign() * noise.abs().sqrt()
         noise_in, noise_out = noise[: self.in_features], noise[self.in_features:]
         weight = torch.addcmul(self.weight_mu, self.weight_sigma, torch.outer(noise_out, noise_in))
         bias = torch.addcmul(self.bias_mu, self.bias_sigma, noise_out)
         return nn.functional.linear(x, weight, bias)
+
+
+class LSTMWeights(nn.Module):
+    """An ``nn.LSTM``'s parameters under their names, without the module: for a compiled update's
+    template, which runs the LSTM unrolled (``torch.compile`` refuses code that touches an
+    ``nn.LSTM`` at all: "Attempted to wrap RNN, GRU, or LSTM")."""
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        for name, parameter in lstm.named_parameters():
+            self.register_parameter(name, parameter)
+
+
+def unrolled_lstm(lstm: nn.LSTM | LSTMWeights, inputs: torch.Tensor,
+                  state: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``lstm`` (one layer, with biases) over ``inputs [T, B, in]`` from ``state`` (h, c, each
+    ``[B, H]``) as a loop of cell steps, in the order of torch's CPU kernel (the input projection
+    for the whole sequence first): ``out [T, B, H], (h, c)``."""
+    h, c = state
+    projected = nn.functional.linear(inputs, lstm.weight_ih_l0, lstm.bias_ih_l0)
+    outputs = []
+    for x in projected.unbind(0):
+        gates = nn.functional.linear(h, lstm.weight_hh_l0, lstm.bias_hh_l0) + x
+        in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
+        c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+        h = torch.sigmoid(out_gate) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
 
 
 class EnsembleMLP(nn.Module):

@@ -6,18 +6,22 @@ actor had ("stored state"); the first ``burn_in`` steps only warm that state up 
 Targets are n-step double-Q returns along the sequence under the value rescaling
 ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x``; a sequence's priority mixes the max and the mean of
 its absolute TD errors. An MLP torso for vectors, the Nature CNN for Atari frames, then an LSTM and
-a (dueling) head."""
+a (dueling) head. With ``compile`` the update is one function of tensors (algos/functional.py),
+compiled, its LSTM written as a loop of cell steps (``torch.compile(fullgraph=True)`` does not
+trace ``nn.LSTM``)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
+from torch.func import functional_call, grad
 
-from algos.nets import NatureCNN, mlp
+from algos.functional import CompiledStep, adam_state, clip_and_adam_, rng_neutral_template
+from algos.nets import LSTMWeights, NatureCNN, mlp, unrolled_lstm
 from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, Metrics, SequenceBatch, SequenceData, StateSpec
 
@@ -46,6 +50,12 @@ class R2D2Config(ConfigModel):
     eps_end: float = Field(0.02, ge=0, le=1, description="Exploration epsilon after the decay.")
     eps_decay_steps: int = Field(20_000, ge=1, description="Env steps over which epsilon decays linearly.")
     max_grad_norm: float = Field(40.0, gt=0, description="Gradient-norm clip.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the update (the forward passes over the sequences, the loss, "
+        "its gradient, the clipping and Adam): more updates/s for small networks on a CPU, for "
+        "seconds of compiling at the first update (falls back to eager, with a warning, where "
+        "compiling fails).")
 
     @field_validator("hidden")
     @classmethod
@@ -74,9 +84,12 @@ def rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def unrescale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The inverse of :func:`rescale`, in closed form."""
-    root = (torch.sqrt(1.0 + 4.0 * eps * (x.abs() + 1.0 + eps)) - 1.0) / (2.0 * eps)
-    return torch.sign(x) * (root * root - 1.0)
+    """The inverse of :func:`rescale`, in closed form: ``sign(x) (r^2 - 1)`` with
+    ``r = (sqrt(1 + 4 eps (|x| + 1 + eps)) - 1) / (2 eps)``, written as ``d (d + 2)`` with
+    ``d = r - 1`` rearranged free of cancellation (as written, float32 loses up to ~4e-4 near 0,
+    the rounding of the square root divided by 2 eps, and a compiled update rounds otherwise)."""
+    d = 2.0 * x.abs() / (torch.sqrt(1.0 + 4.0 * eps * (x.abs() + 1.0 + eps)) + 1.0 + 2.0 * eps)
+    return torch.sign(x) * d * (d + 2.0)
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -102,17 +115,23 @@ class RecurrentQNetwork(nn.Module):
             zeros = torch.zeros(1, lstm_size)
             self(torch.from_numpy(np.zeros((1, 1, *spec.obs_shape), spec.obs_dtype)), (zeros, zeros))
 
-    def forward(self, obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+                unrolled: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``unrolled``: the LSTM as :func:`unrolled_lstm`'s loop of cell steps (for a compiled
+        update; the same numbers to rounding)."""
         t, b = obs.shape[:2]
         flat = obs.reshape(t * b, *obs.shape[2:])
         features = self.torso(flat if self.pixels else flat.float().flatten(1)).view(t, b, -1)
         h, c = state
-        out, (h, c) = self.lstm(features, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
+        if unrolled:
+            out, (h, c) = unrolled_lstm(self.lstm, features, (h, c))
+        else:
+            out, (h, c) = self.lstm(features, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
+            h, c = h.squeeze(0), c.squeeze(0)
         advantage = self.advantage(out)
         q = advantage if self.value is None else \
             self.value(out) + advantage - advantage.mean(dim=-1, keepdim=True)
-        return q, (h.squeeze(0), c.squeeze(0))
+        return q, (h, c)
 
 
 # --- the loss -----------------------------------------------------------------------------------
@@ -148,11 +167,24 @@ def n_step_targets(rewards: torch.Tensor, terminated: torch.Tensor, truncated: t
     return returns, torch.where(terminal, 0.0, discount), bootstrap
 
 
-def sequence_loss(batch: SequenceBatch, q_net: RecurrentQNetwork, target_net: RecurrentQNetwork,
-                  config: R2D2Config) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+# A recurrent Q forward: (obs [T, B, ...], (h, c)) -> (q [T, B, A], (h, c)).
+RecurrentForward = Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+                            tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def loss_settings(config: R2D2Config) -> dict[str, Any]:
+    """:func:`sequence_loss`'s settings from ``config``, as plain numbers (what a compiled update
+    may close over: a config object would recompile it per instance)."""
+    return {name: getattr(config, name) for name in ("burn_in", "n_step", "gamma", "double",
+                                                     "value_rescaling", "rescaling_eps", "priority_eta")}
+
+
+def sequence_loss(batch: SequenceBatch, q_net: RecurrentForward, target_net: RecurrentForward, *,
+                  burn_in: int, n_step: int, gamma: float, double: bool, value_rescaling: bool,
+                  rescaling_eps: float, priority_eta: float) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
     """Squared TD loss over each sequence after its burn-in (importance-weighted per sequence),
-    its metrics and the sequences' priorities."""
-    c, burn = config, config.burn_in
+    its metrics and the sequences' priorities (the settings: R2D2Config's fields of the names)."""
+    burn = burn_in
     state = (batch.state["h"], batch.state["c"])
     with torch.no_grad():
         target_q, _ = target_net(batch.obs, state)  # the target's own burn-in from the stored state
@@ -162,15 +194,15 @@ def sequence_loss(batch: SequenceBatch, q_net: RecurrentQNetwork, target_net: Re
     target_q = target_q[burn:]
     returns, discount, bootstrap = n_step_targets(
         batch.rewards[burn:], batch.terminated[burn:], batch.truncated[burn:], batch.applied[burn:],
-        c.n_step, c.gamma)
+        n_step, gamma)
     actions = q_all.shape[-1]
     with torch.no_grad():
         rows = bootstrap.unsqueeze(-1).expand(-1, -1, actions)
-        chooser = q_all.detach() if c.double else target_q
+        chooser = q_all.detach() if double else target_q
         best = chooser.gather(0, rows).argmax(-1, keepdim=True)
         next_value = target_q.gather(0, rows).gather(2, best).squeeze(-1)
-        if c.value_rescaling:
-            target = rescale(returns + discount * unrescale(next_value, c.rescaling_eps), c.rescaling_eps)
+        if value_rescaling:
+            target = rescale(returns + discount * unrescale(next_value, rescaling_eps), rescaling_eps)
         else:
             target = returns + discount * next_value
     q = q_all.gather(2, batch.actions[burn:].long().unsqueeze(-1)).squeeze(-1)
@@ -180,9 +212,40 @@ def sequence_loss(batch: SequenceBatch, q_net: RecurrentQNetwork, target_net: Re
     per_sequence = 0.5 * (td * td).sum(0) / count
     loss = (batch.weights * per_sequence).mean()
     abs_td = td.detach().abs()
-    priorities = c.priority_eta * abs_td.max(0).values + (1 - c.priority_eta) * abs_td.sum(0) / count
+    priorities = priority_eta * abs_td.max(0).values + (1 - priority_eta) * abs_td.sum(0) / count
     metrics = {"td_loss": loss.detach(), "q_values": (q.detach() * mask).sum() / mask.sum().clamp(min=1.0)}
     return loss, metrics, priorities
+
+
+def _functional_update(spec: EnvSpec, config: R2D2Config) -> Callable:
+    """The whole update as one function of tensors (see algos/functional.py): the loss's gradient
+    through torch.func, then clipping and torch's Adam on the parameters in place; the LSTM
+    unrolled into cell steps (one graph)."""
+    def build() -> nn.Module:
+        network = RecurrentQNetwork(spec, config.hidden, config.lstm_size, config.dueling)
+        network.lstm = LSTMWeights(network.lstm)  # same names, same order: the parameters line up
+        return network
+
+    net = rng_neutral_template(("r2d2", spec.obs_shape, np.dtype(spec.obs_dtype).str, spec.num_actions,
+                                tuple(config.hidden), config.lstm_size, config.dueling), build)
+    names = [name for name, _ in net.named_parameters()]
+    settings = loss_settings(config)
+    max_norm, lr, eps = config.max_grad_norm, config.lr, config.adam_eps
+
+    def update(params: list[torch.Tensor], target_params: list[torch.Tensor], batch: SequenceBatch,
+               state: tuple[list[torch.Tensor], ...]):
+        def forward(ps: list[torch.Tensor]) -> RecurrentForward:
+            return lambda obs, hc: functional_call(net, dict(zip(names, ps)), (obs, hc), {"unrolled": True})
+
+        def loss_of(ps: list[torch.Tensor]):
+            loss, metrics, priorities = sequence_loss(batch, forward(ps), forward(target_params), **settings)
+            return loss, (metrics, priorities)
+
+        grads, (metrics, priorities) = grad(loss_of, has_aux=True)(params)
+        norm = clip_and_adam_(params, grads, state, lr, eps, max_norm)
+        return metrics, priorities, norm
+
+    return update
 
 
 # --- the algorithm ----------------------------------------------------------------------------
@@ -213,8 +276,16 @@ class R2D2:
         self.target_q = self.make_acting_network().to(device)
         self.target_q.load_state_dict(self.q.state_dict())
         self.target_q.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=config.lr, eps=config.adam_eps)
+        self._params = list(self.q.parameters())
+        self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps)
         self.updates = 0
+        # Compiled (algos/functional.py): one graph for the forward passes, the loss, its gradient,
+        # the clipping and torch's own Adam step on the optimizer's own state.
+        self._compiled = CompiledStep(_functional_update(spec, config), "R2D2") if config.compile else None
+        self._param_views = [p.detach() for p in self._params]  # share storage with the modules
+        self._target_views = [p.detach() for p in self.target_q.parameters()]
+        if config.compile:
+            self._init_adam_state()
 
     @property
     def data(self) -> SequenceData:
@@ -253,18 +324,27 @@ class R2D2:
         return actions, {"h": h, "c": c}
 
     def loss(self, batch: SequenceBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        return sequence_loss(batch, self.q, self.target_q, self.config)
+        return sequence_loss(batch, self.q, self.target_q, **loss_settings(self.config))
 
     def update(self, batch: SequenceBatch) -> tuple[Metrics, torch.Tensor]:
-        loss, metrics, priorities = self.loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.q.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        stepped = None if self._compiled is None else \
+            self._compiled(self._param_views, self._target_views, batch, self._adam_state)
+        if stepped is not None:
+            metrics, priorities, grad_norm = stepped
+        else:
+            loss, metrics, priorities = self.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm)
+            self.optimizer.step()
+        metrics["grad_norm"] = grad_norm
         self.updates += 1
         if self.updates % self.config.target_update_period == 0:
-            self.target_q.load_state_dict(self.q.state_dict())
+            self.target_q.load_state_dict(self.q.state_dict())  # in place: the views stay valid
         return metrics, priorities
+
+    def _init_adam_state(self) -> None:
+        self._adam_state = adam_state(self.optimizer, self._params)
 
     def state_dict(self) -> dict[str, Any]:
         return {"q": self.q.state_dict(), "target_q": self.target_q.state_dict(),
@@ -273,5 +353,7 @@ class R2D2:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.q.load_state_dict(state["q"])
         self.target_q.load_state_dict(state["target_q"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # new state tensors: list them again
         self.updates = int(state["updates"])
+        if self.config.compile:
+            self._init_adam_state()

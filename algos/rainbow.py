@@ -4,25 +4,29 @@ dueling head, n-step returns and prioritised replay (through the engine) by the 
 
 The return of each action is a categorical distribution over ``num_atoms`` fixed values (the
 support, evenly spaced on ``[v_min, v_max]``); its Q value is the distribution's mean. Actors act
-greedily on noisy weights; evaluation acts greedily on the mean weights (no noise)."""
+greedily on noisy weights; evaluation acts greedily on the mean weights (no noise). With
+``compile`` the update is one function of tensors (algos/functional.py), compiled; its noise is
+drawn eagerly, as the eager update draws it, and passed in."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from torch import nn
+from torch.func import functional_call, grad
 
 from algos.dqn import DQN, QLearningConfig
+from algos.functional import CompiledStep, clip_and_adam_, rng_neutral_template
 from algos.nets import NoisyLinear, obs_torso
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch, TransitionData
 
 
 # The hyperparameters shared with DQN (same meaning) come from QLearningConfig; here are the
-# paper's Adam settings, the distribution's support and the noisy layers. DQN's epsilon schedule,
-# Huber loss and compile are DQNConfig's only, so a rainbow config that sets them is rejected
+# paper's Adam settings, the distribution's support, the noisy layers and compile. DQN's epsilon
+# schedule and Huber loss are DQNConfig's only, so a rainbow config that sets them is rejected
 # (extra="forbid"). A comment, not a docstring: that would change the JSON schema's description.
 class RainbowConfig(QLearningConfig):
     lr: float = Field(6.25e-5, gt=0, description="Adam learning rate (the paper's, for Atari).")
@@ -34,6 +38,11 @@ class RainbowConfig(QLearningConfig):
     noisy_std: float = Field(
         0.5, gt=0, description="sigma_0 of the noisy layers: each noise scale starts at "
         "sigma_0 / sqrt(fan_in).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the update (the forward passes, the loss, its gradient, the "
+        "clipping and Adam): more updates/s for small networks on a CPU, for seconds of compiling "
+        "at the first update (falls back to eager, with a warning, where compiling fails).")
 
     @field_validator("v_max")
     @classmethod
@@ -66,20 +75,33 @@ class DistributionalQNetwork(nn.Module):
         with torch.no_grad():
             self(torch.from_numpy(np.zeros((1, *spec.obs_shape), spec.obs_dtype)))
 
-    def forward(self, obs: torch.Tensor, noisy: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, noisy: bool = False, generator: torch.Generator | None = None,
+                noise: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """``noisy``: sample the noisy layers' weights (one draw for the batch, from
-        ``generator``); otherwise use their means."""
+        ``generator``); otherwise use their means. ``noise``: that draw made beforehand
+        (:meth:`draw_noise`), used instead of drawing (with ``noisy``)."""
+        draws = [None, None] if noise is None else [*noise, None]  # the value layer's: None without one
         features = self.torso(obs if self.pixels else obs.float().flatten(1))
-        logits = self.advantage(features, noisy, generator).view(-1, self.num_actions, self.num_atoms)
+        logits = self.advantage(features, noisy, generator, draws[0])
+        logits = logits.view(-1, self.num_actions, self.num_atoms)
         if self.value is not None:
-            value = self.value(features, noisy, generator).unsqueeze(1)
+            value = self.value(features, noisy, generator, draws[1]).unsqueeze(1)
             logits = value + logits - logits.mean(dim=1, keepdim=True)
         return logits.log_softmax(dim=-1)
 
+    def draw_noise(self) -> tuple[torch.Tensor, ...]:
+        """One noisy forward's draws from torch's global generator, in the order ``forward``
+        draws them (the advantage layer's, then the value layer's)."""
+        return tuple(layer.draw() for layer in (self.advantage, self.value) if layer is not None)
+
     def q_values(self, log_probs: torch.Tensor) -> torch.Tensor:
         """The mean of each action's distribution: ``(batch, actions)``."""
-        return (log_probs.exp() * self.support).sum(dim=-1)
+        return expected_values(log_probs, self.support)
+
+
+def expected_values(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """The means of distributions over ``support`` given as log-probabilities (last dimension)."""
+    return (log_probs.exp() * support).sum(dim=-1)
 
 
 # --- loss -------------------------------------------------------------------------------------
@@ -105,27 +127,63 @@ def project_distribution(probs: torch.Tensor, rewards: torch.Tensor, discounts: 
     return projected.view(batch, atoms)
 
 
-def distributional_loss(batch: TransitionBatch, online: DistributionalQNetwork,
-                        target: DistributionalQNetwork, double: bool
+# A network's noisy forward: (obs, the noisy layers' draws) -> log-probs (batch, actions, atoms).
+NoisyForward = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def distributional_loss(batch: TransitionBatch, online: NoisyForward, target: NoisyForward,
+                        support: torch.Tensor, double: bool, noise: Sequence[Sequence[torch.Tensor]]
                         ) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
     """Cross-entropy of the online distribution of the taken action against the projected target
     (importance-weighted), its metrics, and each item's KL divergence as its new priority (the
-    cross-entropy less the target's entropy: same gradient, 0 when the fit is exact)."""
+    cross-entropy less the target's entropy: same gradient, 0 when the fit is exact). ``noise``:
+    the draws of the noisy forwards in turn (online on obs, target on next obs, then, with
+    ``double``, online on next obs)."""
     rows = torch.arange(len(batch.actions), device=batch.actions.device)
-    log_probs = online(batch.obs, noisy=True)[rows, batch.actions.long()]
+    log_probs = online(batch.obs, noise[0])[rows, batch.actions.long()]
     with torch.no_grad():
-        next_target = target(batch.next_obs, noisy=True)
-        chooser = online(batch.next_obs, noisy=True) if double else next_target
-        next_action = online.q_values(chooser).argmax(dim=1)
+        next_target = target(batch.next_obs, noise[1])
+        chooser = online(batch.next_obs, noise[2]) if double else next_target
+        next_action = expected_values(chooser, support).argmax(dim=1)
         projected = project_distribution(next_target[rows, next_action].exp(), batch.rewards,
-                                         batch.discounts, online.support)
+                                         batch.discounts, support)
     cross_entropy = -(projected * log_probs).sum(dim=1)
     loss = (batch.weights * cross_entropy).mean()
     with torch.no_grad():
         kl = cross_entropy + torch.special.xlogy(projected, projected).sum(dim=1)
-        q = (log_probs.exp() * online.support).sum(dim=1)
+        q = expected_values(log_probs, support)
     metrics = {"loss": loss.detach(), "kl": kl.mean(), "q_values": q.mean()}
     return loss, metrics, kl.clamp(min=0)
+
+
+def _functional_update(spec: EnvSpec, config: RainbowConfig) -> Callable:
+    """The whole update as one function of tensors (see algos/functional.py): the loss's gradient
+    through torch.func, then clipping and torch's Adam on the parameters in place. The noise
+    comes in, drawn eagerly as the eager update draws it (compiled draws would differ)."""
+    net = rng_neutral_template(
+        ("rainbow", spec.obs_shape, np.dtype(spec.obs_dtype).str, spec.num_actions,
+         tuple(config.hidden), config.dueling, config.num_atoms),
+        lambda: DistributionalQNetwork(spec, config))
+    names = [name for name, _ in net.named_parameters()]
+    double, max_norm, lr, eps = config.double, config.max_grad_norm, config.lr, config.adam_eps
+
+    def update(params: list[torch.Tensor], target_params: list[torch.Tensor], support: torch.Tensor,
+               batch: TransitionBatch, noise: list[tuple[torch.Tensor, ...]],
+               state: tuple[list[torch.Tensor], ...]):
+        def forward(ps: list[torch.Tensor]) -> NoisyForward:
+            return lambda obs, draws: functional_call(net, dict(zip(names, ps)), (obs,),
+                                                      {"noisy": True, "noise": draws})
+
+        def loss_of(ps: list[torch.Tensor]):
+            loss, metrics, priorities = distributional_loss(batch, forward(ps), forward(target_params),
+                                                            support, double, noise)
+            return loss, (metrics, priorities)
+
+        grads, (metrics, priorities) = grad(loss_of, has_aux=True)(params)
+        norm = clip_and_adam_(params, grads, state, lr, eps, max_norm)
+        return metrics, priorities, norm
+
+    return update
 
 
 # --- the algorithm ----------------------------------------------------------------------------
@@ -157,6 +215,13 @@ class Rainbow:
         self._params = list(self.q.parameters())
         self.optimizer = torch.optim.Adam(self._params, lr=config.lr, eps=config.adam_eps, fused=True)
         self.updates = 0
+        # Compiled (algos/functional.py): one graph for the forward passes, the loss, its gradient,
+        # the clipping and torch's own Adam step on the optimizer's own state.
+        self._compiled = CompiledStep(_functional_update(spec, config), "Rainbow") if config.compile else None
+        self._param_views = [p.detach() for p in self._params]  # share storage with the modules
+        self._target_views = [p.detach() for p in self.target_q.parameters()]
+        if config.compile:
+            self._init_adam_state()
 
     @property
     def data(self) -> TransitionData:
@@ -182,27 +247,41 @@ class Rainbow:
             log_probs = network(obs, noisy=True, generator=noise)
         return network.q_values(log_probs).argmax(dim=1).cpu().numpy()
 
-    def loss(self, batch: TransitionBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
-        return distributional_loss(batch, self.q, self.target_q, self.config.double)
+    def draw_noise(self) -> list[tuple[torch.Tensor, ...]]:
+        """The draws of a loss's noisy forwards, from torch's global generator in the loss's order
+        (online, target, then online again with ``double``)."""
+        return [self.q.draw_noise() for _ in range(3 if self.config.double else 2)]
+
+    def loss(self, batch: TransitionBatch, noise: list[tuple[torch.Tensor, ...]] | None = None
+             ) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
+        """``noise``: :meth:`draw_noise`'s (drawn here when None)."""
+        def forward(net: DistributionalQNetwork) -> NoisyForward:
+            return lambda obs, draws: net(obs, noisy=True, noise=draws)
+
+        return distributional_loss(batch, forward(self.q), forward(self.target_q), self.q.support,
+                                   self.config.double, self.draw_noise() if noise is None else noise)
 
     def update(self, batch: TransitionBatch) -> tuple[Metrics, torch.Tensor]:
-        loss, metrics, priorities = self.loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["grad_norm"] = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm,
-                                                        foreach=True)
-        self.optimizer.step()
+        noise = self.draw_noise()  # either way, so that a failed compile's eager update draws alike
+        stepped = None if self._compiled is None else self._compiled(
+            self._param_views, self._target_views, self.q.support, batch, noise, self._adam_state)
+        if stepped is not None:
+            metrics, priorities, grad_norm = stepped
+        else:
+            loss, metrics, priorities = self.loss(batch, noise)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm, foreach=True)
+            self.optimizer.step()
         self.updates += 1
         if self.updates % self.config.target_update_period == 0:
             self._update_target()
+        metrics["grad_norm"] = grad_norm
         return metrics, priorities
 
-    # The target network's update and the checkpointed state are DQN's (the same attributes).
+    # The target network's update, the checkpointed state and its loading (listing the compiled
+    # update's Adam state again) are DQN's: the same attributes.
     _update_target = DQN._update_target
+    _init_adam_state = DQN._init_adam_state
     state_dict = DQN.state_dict
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.q.load_state_dict(state["q"])
-        self.target_q.load_state_dict(state["target_q"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.updates = int(state["updates"])
+    load_state_dict = DQN.load_state_dict

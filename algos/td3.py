@@ -20,8 +20,8 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from algos.continuous import (ContinuousActorCritic, ContinuousConfig, both, critic_template,
-                              pendulum_preset, rng_neutral_template, squared_td_loss, views)
-from algos.functional import CompiledStep, adam_, adam_state
+                              pendulum_preset, squared_td_loss, views)
+from algos.functional import CompiledStep, adam_, adam_state, rng_neutral_template
 from algos.nets import TwinCritic, action_bounds, mlp
 from asyncrl.core import EnvSpec, Metrics, TransitionBatch
 

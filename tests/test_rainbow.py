@@ -13,7 +13,7 @@ import torch
 
 from algos.nets import NoisyLinear
 from algos.rainbow import Rainbow, RainbowConfig, project_distribution
-from asyncrl import checkpoint, registry
+from asyncrl import registry
 from asyncrl.config import ConfigError, build_config
 from asyncrl.core import EnvSpec, TransitionBatch
 from asyncrl.metrics import read_jsonl
