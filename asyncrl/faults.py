@@ -20,13 +20,14 @@ class RunError(RuntimeError):
     and exits with code 1."""
 
 
-def _clone(state: Any) -> Any:
+def clone_state(state: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors share nothing with the original, on their device."""
     if isinstance(state, torch.Tensor):
         return state.detach().clone()
     if isinstance(state, dict):
-        return {k: _clone(v) for k, v in state.items()}
+        return {k: clone_state(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(_clone(v) for v in state)
+        return type(state)(clone_state(v) for v in state)
     return state
 
 
@@ -58,7 +59,7 @@ class NonFiniteGuard:
     def before_chunk(self, algo: Algorithm) -> None:
         every = self.snapshot_every if self._clean_since_rollback is None else 1
         if self._snapshot is None or self._since_snapshot >= every:
-            self._snapshot = _clone(algo.state_dict())
+            self._snapshot = clone_state(algo.state_dict())
             self._since_snapshot = 0
 
     @staticmethod

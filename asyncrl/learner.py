@@ -18,7 +18,7 @@ import torch
 
 from asyncrl.core import Algorithm
 from asyncrl.draws import MixedDraw, QueueDraw, ReplayDraw
-from asyncrl.faults import NonFiniteGuard
+from asyncrl.faults import NonFiniteGuard, clone_state
 from asyncrl.metrics import Recorder
 from asyncrl.ratelimit import LimiterStopped
 from asyncrl.weights import WeightStore
@@ -127,6 +127,7 @@ class Learner:
         self.lock = asyncio.Lock()  # held while an update runs: checkpoints read a consistent state
         self._executor: ThreadPoolExecutor | None = None
         self._seconds_per_update = 0.0  # of the last chunk
+        self._unpublished = False  # updates made since the last publish
 
     def sample(self, count: int = 1) -> list[tuple[Any, Any]]:
         """``count`` batches and their keys: the fixed cost of a draw, paid once per chunk."""
@@ -135,6 +136,24 @@ class Learner:
     def algo_state(self) -> dict[str, Any]:
         """The learning algorithm's state, for a checkpoint (taken between updates)."""
         return self.algo.state_dict()
+
+    # Whether keep/restore work here: a data-parallel group's state lives in its ranks.
+    restorable = True
+
+    def keep(self) -> dict[str, Any]:
+        """Between updates (under ``lock``): a copy of the algorithm's state, its weights published
+        now if the last updates were not, so that the store's latest version is this state: an
+        evaluation's policy, which :meth:`restore` brings back if the run stops on it."""
+        if self._unpublished:
+            self.store.publish(self.algo.acting_network)
+            self._unpublished = False
+        return clone_state(self.algo.state_dict())
+
+    def restore(self, kept: dict[str, Any]) -> int:
+        """Back to a state :meth:`keep` took (under ``lock``), published; its weight version."""
+        self.algo.load_state_dict(kept)
+        self._unpublished = False
+        return self.store.publish(self.algo.acting_network)
 
     def close(self) -> None:
         """Release what the learner started (data-parallel learners' processes); idempotent."""
@@ -169,6 +188,9 @@ class Learner:
         if not applied or updates // self.publish_every > self.recorder.updates // self.publish_every:
             self.store.publish(self.algo.acting_network)
             self.recorder.timer.add("publish", time.perf_counter() - t1)
+            self._unpublished = False
+        else:
+            self._unpublished = True  # the store holds an older version than the learner
         return priorities if applied else None
 
     def _finish(self, keys: list[Any], priorities: list[np.ndarray | None] | None) -> None:

@@ -141,6 +141,8 @@ class LearnerGroup(Learner):
                 self._slabs[k][i].copy_(v)
         return fresh
 
+    restorable = False  # the ranks hold the state: an evaluation with a target pauses learning
+
     def algo_state(self) -> dict[str, Any]:
         """Rank 0's state (every rank's), loaded into the loop's copy too; the loop's own before
         the learners started."""

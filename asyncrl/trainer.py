@@ -252,13 +252,22 @@ class Trainer:
             self._eval_due.clear()
             if self._stopping:
                 return
-            # With a target return, the evaluated weights must be the ones kept if the run stops
-            # on them: learning pauses while such an evaluation runs (acting goes on).
-            held = self.c.learner.lock if self.config.train.target_return is not None else nullcontext()
-            async with held:
-                network, version = self._evals.pull()
+            # With a target return, the weights evaluated are the ones kept if the run stops on
+            # them: learning goes on meanwhile, from a kept copy of the state evaluated, restored
+            # if so (a data-parallel group's state lives in its ranks: learning pauses instead).
+            learner, target = self.c.learner, self.config.train.target_return
+            keep = target is not None and learner.restorable
+            async with learner.lock if target is not None and not keep else nullcontext():
+                async with learner.lock if keep else nullcontext():
+                    kept = learner.keep() if keep else None
+                    network, version = self._evals.pull()
                 returns = await self._off_loop(self._evals.returns, network)
-                self._check_target(self._evals.record(returns, version))
+                row = self._evals.record(returns, version)
+            back = kept is not None and row["eval/return_mean"] >= target
+            async with learner.lock if back else nullcontext():  # stopping stops the gate first
+                if back:
+                    self._evals.last_version = learner.restore(kept)
+                self._check_target(row)
 
     async def _checkpointer(self) -> None:
         while True:

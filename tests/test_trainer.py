@@ -306,3 +306,32 @@ def test_live_view_shows_progress(tmp_path):
                   "limiter waits", "weight staleness", "time shares", "last eval return"):
         assert label in text
     assert "3,0" in text  # the final frame shows the env steps reached (3,0xx of 3,000)
+
+
+def test_learning_goes_on_during_an_evaluation_and_a_run_stopping_on_it_keeps_the_weights_it_played(
+        tmp_path, monkeypatch):
+    """With a target return the evaluation no longer pauses learning: the learner keeps a copy of
+    the state evaluated and goes back to it when the run stops on that evaluation. The eval is
+    held for 0.5 s (on the I/O thread) so that updates surely happen meanwhile."""
+    from asyncrl.evaluator import Evaluator
+
+    played: list[dict] = []
+    returns = Evaluator.returns
+
+    def slow_returns(self, network):
+        played.append({k: v.clone() for k, v in network.state_dict().items()})
+        out = returns(self, network)
+        time.sleep(0.5)
+        return out
+
+    monkeypatch.setattr(Evaluator, "returns", slow_returns)
+    cfg = build_config(DQN.preset, overrides=[
+        "train.eval_every=2000", "train.eval_episodes=4", "train.target_return=1",
+        "train.tensorboard=false", "replay.min_size_to_sample=500"])
+    result = run(Trainer(cfg, run_dir=tmp_path))
+    assert result["reached_target_at"] is not None and len(played) == 1
+    manifest, state, _ = newest(tmp_path)
+    # Updates ran during the evaluation (the run's count) and were undone (the algorithm's).
+    assert manifest["updates"] > state["algo"]["updates"] > 0
+    for name, tensor in played[0].items():
+        assert torch.equal(state["algo"]["q"][name], tensor), name
