@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 from torch.func import functional_call, grad
 
-from algos.functional import CompiledStep, adam_state, clip_and_adam_, rng_neutral_template
+from algos.dqn import DQN
+from algos.functional import CompiledStep, clip_and_adam_, rng_neutral_template
 from algos.nets import LSTMWeights, NatureCNN, mlp, unrolled_lstm
 from asyncrl.config import ConfigModel
 from asyncrl.core import EnvSpec, Metrics, SequenceBatch, SequenceData, StateSpec
@@ -326,34 +327,13 @@ class R2D2:
     def loss(self, batch: SequenceBatch) -> tuple[torch.Tensor, Metrics, torch.Tensor]:
         return sequence_loss(batch, self.q, self.target_q, **loss_settings(self.config))
 
-    def update(self, batch: SequenceBatch) -> tuple[Metrics, torch.Tensor]:
-        stepped = None if self._compiled is None else \
-            self._compiled(self._param_views, self._target_views, batch, self._adam_state)
-        if stepped is not None:
-            metrics, priorities, grad_norm = stepped
-        else:
-            loss, metrics, priorities = self.loss(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm)
-            self.optimizer.step()
-        metrics["grad_norm"] = grad_norm
-        self.updates += 1
-        if self.updates % self.config.target_update_period == 0:
-            self.target_q.load_state_dict(self.q.state_dict())  # in place: the views stay valid
-        return metrics, priorities
+    # The update, the checkpointed state and the Adam state's listing are DQN's (the same
+    # attributes); the target network is a hard copy every target_update_period updates.
+    update = DQN.update
+    _init_adam_state = DQN._init_adam_state
+    state_dict = DQN.state_dict
+    load_state_dict = DQN.load_state_dict
 
-    def _init_adam_state(self) -> None:
-        self._adam_state = adam_state(self.optimizer, self._params)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"q": self.q.state_dict(), "target_q": self.target_q.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.q.load_state_dict(state["q"])
-        self.target_q.load_state_dict(state["target_q"])
-        self.optimizer.load_state_dict(state["optimizer"])  # new state tensors: list them again
-        self.updates = int(state["updates"])
-        if self.config.compile:
-            self._init_adam_state()
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        self.target_q.load_state_dict(self.q.state_dict())  # in place: the views stay valid
