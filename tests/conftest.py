@@ -36,3 +36,18 @@ def dqn_cartpole_serial(tmp_path_factory):
         "train.mode='serial'", "train.seed=0", "train.eval_every=5000", "train.tensorboard=false"])
     result = asyncio.run(asyncio.wait_for(Trainer(cfg, run_dir=run_dir).run(), 300))
     return result, read_jsonl(run_dir / "metrics.jsonl"), run_dir
+
+
+@pytest.fixture
+def failing_compile(monkeypatch):
+    """``torch.compile`` whose compiled function fails at its first call (as where no C++ compiler
+    is found), so that an algorithm's compiled update falls back to eager; the error's first line."""
+    import torch
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler\nlong details")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    return "no C++ compiler"

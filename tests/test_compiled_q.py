@@ -158,22 +158,16 @@ def test_checkpoints_resume_across_compiled_and_eager(runs, specs, name):
 
 
 @pytest.mark.parametrize("name", list(ALGOS))
-def test_a_failed_compile_falls_back_to_the_eager_update(specs, monkeypatch, caplog, name):
+def test_a_failed_compile_falls_back_to_the_eager_update(specs, failing_compile, caplog, name):
     """Where compiling fails the update is the eager one, to the bit (Rainbow: the same noise)."""
-    def broken(fn, **kwargs):
-        def call(*args):
-            raise RuntimeError("no C++ compiler\nlong details")
-        return call
-
     spec = specs[name]
     eager = build(name, spec, False)
     eager_out = run(eager, name, spec, range(3), 1)
     eager_rng = torch.get_rng_state()
-    monkeypatch.setattr(torch, "compile", broken)
     fallback = build(name, spec, True)
     with caplog.at_level(logging.WARNING, logger="asyncrl"):
         fallback_out = run(fallback, name, spec, range(3), 1)
-    assert not fallback._compiled.active and "no C++ compiler" in caplog.text
+    assert not fallback._compiled.active and failing_compile in caplog.text
     assert torch.equal(torch.get_rng_state(), eager_rng)
     for (m0, p0), (m1, p1) in zip(eager_out, fallback_out, strict=True):
         assert list(m1) == list(m0) and all(torch.equal(m1[key], m0[key]) for key in m0)
